@@ -1,0 +1,82 @@
+"""Policy registry: model family name -> :class:`FlowPolicy` adapter, and model loading from params."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .base import (Conditioning, FlowPolicy, ModelPathError, cond_batch_size, cond_cat, cond_select,
+                   cond_to)
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TINY = "builtin:tiny"
+_TINY_VERSION = "2"  # bump when a tiny builder changes, so caches are rebuilt
+
+
+def policy_classes() -> dict[str, type[FlowPolicy]]:
+    from .flux import FluxPolicy
+    from .sd3 import SD3Policy
+    from .zimage import ZImagePolicy
+
+    return {cls.family: cls for cls in (SD3Policy, FluxPolicy, ZImagePolicy)}
+
+
+def policy_class(family: str) -> type[FlowPolicy]:
+    classes = policy_classes()
+    if family not in classes:
+        raise KeyError(f"unknown model family {family!r}; known: {', '.join(sorted(classes))}")
+    return classes[family]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PORTRAITGEN_CACHE", Path.home() / ".cache" / "portraitgen"))
+
+
+def tiny_model_path(family: str, seed: int = 0) -> Path:
+    """Build (once) and save the tiny pipeline of ``family``; return its folder.
+
+    The pipeline is always *reloaded* from this folder through diffusers' ``from_pretrained``, so the
+    tiny model exercises exactly the loading code that real weights use.
+    """
+    cls = policy_class(family)
+    key = hashlib.sha256(f"{family}-{seed}-{_TINY_VERSION}".encode()).hexdigest()[:10]
+    out = cache_dir() / f"tiny-{family}-{key}"
+    if (out / "model_index.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{family}-", dir=out.parent))
+    try:
+        cls.build_tiny_pipeline(seed).save_pretrained(str(tmp))
+        try:
+            tmp.rename(out)  # atomic: concurrent builders race harmlessly, one wins
+        except OSError:
+            if not (out / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built tiny %s model at %s", family, out)
+    return out
+
+
+def resolve_model_path(family: str, path: str) -> Path:
+    if path == BUILTIN_TINY:
+        return tiny_model_path(family)
+    return Path(path).expanduser()
+
+
+def load_policy(family: str, path: str, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> FlowPolicy:
+    """Load the policy of ``family`` from a local folder, or the built-in tiny model."""
+    cls = policy_class(family)
+    return cls.from_pretrained(resolve_model_path(family, path), device=device, dtype=dtype)
+
+
+__all__ = ["Conditioning", "FlowPolicy", "ModelPathError", "BUILTIN_TINY", "cond_batch_size", "cond_cat",
+           "cond_select", "cond_to", "load_policy", "policy_class", "policy_classes", "resolve_model_path",
+           "tiny_model_path"]
