@@ -1,0 +1,57 @@
+"""Group-relative advantages (design.md §3).
+
+Each prompt is sampled ``group_size`` times; a sample's advantage is its reward standardised within its
+group (or by the std of the whole batch with ``global_std``), clamped to +-``clip``. A group whose rewards
+are all equal carries no learning signal: with ``filter_zero_std`` its samples are excluded from the
+update (mask False) and the fraction of such groups is reported.
+
+The statistics are always computed over *whole groups*: the trainer gathers every process's rewards
+before calling this, so the result is the same for any number of processes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+STD_EPS = 1e-4  # added to the std, as in Flow-GRPO; also the threshold below which a group is "zero-std"
+ZERO_STD = 1e-6
+
+
+@dataclass
+class Advantages:
+    advantages: np.ndarray  # [N] float32, clamped
+    mask: np.ndarray  # [N] bool: samples that take part in the update
+    group_mean: np.ndarray  # [N] the mean of each sample's group
+    group_std: np.ndarray  # [N] the std of each sample's group
+    zero_std_fraction: float  # fraction of groups whose rewards are all equal
+    clipped_fraction: float  # fraction of samples whose advantage hit the clamp
+
+
+def group_advantages(rewards: np.ndarray, group_ids: np.ndarray, *, global_std: bool = False, clip: float = 5.0,
+                     filter_zero_std: bool = True) -> Advantages:
+    rewards = np.asarray(rewards, dtype=np.float64)
+    group_ids = np.asarray(group_ids)
+    if rewards.shape != group_ids.shape or rewards.ndim != 1:
+        raise ValueError(f"rewards {rewards.shape} and group ids {group_ids.shape} must be equal 1-D shapes")
+    if not np.isfinite(rewards).all():
+        raise ValueError(f"{int((~np.isfinite(rewards)).sum())} non-finite rewards; refusing to compute advantages")
+    mean = np.zeros_like(rewards)
+    std = np.zeros_like(rewards)
+    uniq = np.unique(group_ids)
+    zero_groups = 0
+    for g in uniq:
+        m = group_ids == g
+        mean[m] = rewards[m].mean()
+        std[m] = rewards[m].std()
+        zero_groups += bool(std[m][0] < ZERO_STD)
+    denom = (rewards.std() if global_std else std) + STD_EPS
+    adv = (rewards - mean) / denom
+    clipped = np.abs(adv) > clip
+    adv = np.clip(adv, -clip, clip)
+    mask = np.ones_like(rewards, dtype=bool)
+    if filter_zero_std:
+        mask = std >= ZERO_STD
+        adv = np.where(mask, adv, 0.0)
+    return Advantages(advantages=adv.astype(np.float32), mask=mask, group_mean=mean, group_std=std,
+                      zero_std_fraction=zero_groups / max(len(uniq), 1), clipped_fraction=float(clipped.mean()))
