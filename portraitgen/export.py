@@ -1,0 +1,76 @@
+"""Exporting trained weights in the standard diffusers form, and reading them back.
+
+- LoRA runs write ``final/pytorch_lora_weights.safetensors``, which the stock pipeline loads with
+  ``pipe.load_lora_weights("results/train/final")`` on top of the base model.
+- Full fine-tunes write a complete pipeline folder that ``<Pipeline>.from_pretrained`` loads.
+
+Both also get ``portraitgen.json`` naming the family, the base model and how it was trained, so
+``portraitgen generate --model results/train/final`` needs nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from .policies import FlowPolicy, load_policy
+
+MANIFEST = "portraitgen.json"
+
+
+class ModelSpecError(FileNotFoundError):
+    """A --model argument names nothing that can be loaded."""
+
+
+def export_policy(policy: FlowPolicy, out_dir: Path, *, base_model: str, family: str, finetune: str, lora,
+                  ema: bool) -> Path:
+    """Write the policy's current weights to ``out_dir`` (replaced atomically)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if finetune == "lora":
+        policy.save_lora(tmp)
+    else:
+        policy.save_full(tmp)
+    base = base_model if base_model.startswith("builtin:") else str(Path(base_model).expanduser().resolve())
+    manifest = {"family": family, "base_model": base, "finetune": finetune, "ema": ema,
+                "lora": dataclasses.asdict(lora) if finetune == "lora" else None}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_trained(model: str, family: str | None = None, device="cpu") -> FlowPolicy:
+    """Load a model for generation from any of:
+
+    - a training output folder (``results/train``: its ``final/`` is used),
+    - an exported ``final/`` folder (LoRA on its base model, or a full pipeline),
+    - a plain diffusers pipeline folder or ``builtin:tiny`` (needs ``family``).
+    """
+    if model.startswith("builtin:"):
+        if family is None:
+            raise ModelSpecError(f"--model {model} needs --family (sd3, flux or zimage)")
+        return load_policy(family, model, device=device)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelSpecError(f"--model: {path} does not exist")
+    if (path / "final" / MANIFEST).is_file():
+        path = path / "final"
+    manifest_file = path / MANIFEST
+    if manifest_file.is_file():
+        spec = json.loads(manifest_file.read_text())
+        if spec["finetune"] == "full":
+            return load_policy(spec["family"], str(path), device=device)
+        policy = load_policy(spec["family"], spec["base_model"], device=device)
+        policy.pipeline.load_lora_weights(str(path))
+        return policy
+    if (path / "model_index.json").is_file():
+        if family is None:
+            raise ModelSpecError(f"--model {path} is a plain diffusers folder: pass --family (sd3, flux or zimage)")
+        return load_policy(family, str(path), device=device)
+    raise ModelSpecError(f"--model: {path} is neither a training output, an exported model "
+                         f"({MANIFEST}) nor a diffusers pipeline folder (model_index.json)")

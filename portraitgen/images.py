@@ -1,0 +1,25 @@
+"""Small image helpers: tensors to PIL, grids, saving."""
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """[3, H, W] float in [0, 1] -> PIL RGB."""
+    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    return Image.fromarray(arr)
+
+
+def image_grid(images: torch.Tensor, ncol: int = 8, pad: int = 2) -> Image.Image:
+    """Tile ``[B, 3, H, W]`` images into one PIL image (rows of ``ncol``)."""
+    b, _, h, w = images.shape
+    ncol = max(1, min(ncol, b))
+    nrow = math.ceil(b / ncol)
+    grid = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + pad) + pad), (255, 255, 255))
+    for i in range(b):
+        r, c = divmod(i, ncol)
+        grid.paste(to_pil(images[i]), (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid

@@ -1,0 +1,69 @@
+"""MLflow tracking for a stage: one run per stage, logged from the main process only.
+
+A pipeline invocation may group its stages under a parent run: set ``PORTRAITGEN_PARENT_RUN_ID`` (not
+``MLFLOW_RUN_ID``, which would make every stage *resume* the same run) and each stage's run is tagged
+as its child. A resumed training run continues the MLflow run it started (its id is checkpointed).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import TrackingConfig
+
+log = logging.getLogger(__name__)
+PARENT_ENV = "PORTRAITGEN_PARENT_RUN_ID"
+
+
+class Tracker:
+    """Thin wrapper over MLflow that does nothing when disabled or off the main process."""
+
+    def __init__(self, cfg: TrackingConfig, *, stage: str, active: bool, run_id: str | None = None,
+                 params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None):
+        self.enabled = bool(cfg.enabled and active)
+        self.run_id: str | None = None
+        if not self.enabled:
+            return
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(cfg.uri)
+        mlflow.set_experiment(cfg.experiment)
+        all_tags = {"portraitgen.stage": stage, **(tags or {})}
+        parent = os.environ.get(PARENT_ENV)
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        if run_id:
+            run = mlflow.start_run(run_id=run_id)
+        else:
+            run = mlflow.start_run(run_name=stage, tags=all_tags)
+            if params:
+                # MLflow caps a param value at 6000 chars and a batch at 100 params.
+                items = [(k, str(v)[:6000]) for k, v in params.items()]
+                for i in range(0, len(items), 100):
+                    mlflow.log_params(dict(items[i:i + 100]))
+        self.run_id = run.info.run_id
+        log.info("MLflow run %s (%s) at %s", self.run_id, stage, cfg.uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.enabled:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        if self.enabled:
+            self._mlflow.log_image(image, artifact_file=artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        if self.enabled:
+            self._mlflow.log_dict(data, artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self._mlflow.active_run() is not None:
+            self._mlflow.end_run(status=status)
