@@ -1,0 +1,355 @@
+"""The Snakemake workflow and dvc.yaml describe the same pipeline.
+
+Every test runs on a copy of the project's real workflow files (workflow/, dvc.yaml, params.yaml,
+the package) in a temporary folder, so no test creates .snakemake/, .dvc/tmp or results/ in the
+repository. The end-to-end tests replace the `portraitgen` command with a stub on PATH that records
+its arguments and writes the stage's outputs: they check the wiring (which files survive a rerun,
+what triggers one), not the training itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
+DVC = str(BIN / "dvc") if (BIN / "dvc").exists() else shutil.which("dvc")
+
+pytestmark = pytest.mark.skipif(not (SNAKEMAKE and DVC), reason="needs snakemake and dvc (extra 'workflow')")
+
+# Hardware flags the Snakemake rules add to a stage's command (from resources), and its log redirect.
+HARDWARE_FLAGS = re.compile(r"( --micro-batch-size \S+)?( --mixed-precision \S+)?( > \S+ 2>&1)?$")
+
+# Lists the rules as Snakemake parsed them (named outputs, params names, input), as JSON.
+INTROSPECT = textwrap.dedent(
+    """
+    import json
+    from pathlib import Path
+    from snakemake.api import SnakemakeApi
+    from snakemake.io import is_flagged
+    from snakemake.settings.types import OutputSettings, ResourceSettings
+
+    with SnakemakeApi(OutputSettings()) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            snakefile=Path("workflow/Snakefile"),
+            workdir=Path.cwd(),
+        )._workflow
+        print(json.dumps({
+            rule.name: {
+                "input": [str(f) for f in rule.input],
+                "output": {name: str(f) for name, f in rule.output._allitems()},
+                "directories": [str(f) for f in rule.output if is_flagged(f, "directory")],
+                "params": list(rule.params.keys()),
+                "log": [str(f) for f in rule.log],
+                "benchmark": str(rule.benchmark) if rule.benchmark else None,
+            }
+            for rule in workflow.rules
+        }))
+    """
+)
+
+
+def _copy_project(dest: Path) -> Path:
+    for name in ("workflow", "portraitgen"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return _copy_project(tmp_path / "project")
+
+
+def _env(extra_path: Path | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", **extra)
+    path = [str(BIN), env.get("PATH", "")]
+    if extra_path is not None:
+        path.insert(0, str(extra_path))
+    env["PATH"] = os.pathsep.join(path)
+    return env
+
+
+def smk(project: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [SNAKEMAKE, "--cores", "1", *args], cwd=project, env=env or _env(),
+        capture_output=True, text=True, timeout=120,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dvc(project: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([DVC, *args], cwd=project, env=env or _env(), capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        pytest.fail(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dry_run_commands(project: Path, *args: str) -> dict[str, str]:
+    """rule name -> the shell command a dry run prints for its job."""
+    proc = smk(project, "-n", "--printshellcmds", *args)
+    # Snakemake finds workflow/Snakefile from the project root by itself and then loads
+    # workflow/profiles/default; a root Snakefile would make it look for profiles/default instead.
+    assert "Using workflow specific profile workflow/profiles/default" in proc.stderr
+    out = proc.stdout
+    commands, rule = {}, None
+    for line in out.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line.strip()):
+            rule = m.group(1)
+        elif line.startswith("Shell command:") and rule is not None:
+            command = line.removeprefix("Shell command:").strip()
+            if command != "None":  # rules without a command, like `all`
+                commands[rule] = command
+    return commands
+
+
+def snakemake_rules(project: Path) -> dict[str, dict]:
+    proc = subprocess.run(
+        [sys.executable, "-c", INTROSPECT], cwd=project, env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def dvc_stages(project: Path) -> dict[str, dict]:
+    return yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+
+
+def _out_paths(entries: list) -> dict[str, dict]:
+    """dvc.yaml outs/metrics entries (plain paths or {path: options}) -> {path: options}."""
+    result = {}
+    for entry in entries:
+        if isinstance(entry, str):
+            result[entry] = {}
+        else:
+            (path, options), = entry.items()
+            result[path] = options or {}
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Static checks: lint, dry run, and the agreement of the two descriptions
+# --------------------------------------------------------------------------------------------------
+def test_lint_passes(project):
+    proc = smk(project, "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_dry_run_lists_train_with_the_dvc_command(project):
+    assert not (REPO / "Snakefile").exists()  # see dry_run_commands
+    commands = dry_run_commands(project)
+    assert set(commands) == {"train"}  # `all` has no command
+    assert commands["train"] == (
+        "portraitgen train --params params.yaml --out results/train"
+        " --micro-batch-size 0 --mixed-precision no > results/logs/train.log 2>&1"
+    )
+    stages = dvc_stages(project)
+    for name, stage in stages.items():
+        # The Snakemake command is the DVC command plus hardware flags and the log redirect.
+        assert HARDWARE_FLAGS.sub("", commands[name]) == stage["cmd"], name
+
+
+def test_snakefile_and_dvc_yaml_agree(project):
+    rules = snakemake_rules(project)
+    stages = dvc_stages(project)
+    assert set(rules) - {"all"} == set(stages) == {"train"}
+
+    for name, stage in stages.items():
+        rule = rules[name]
+        outs = _out_paths(stage.get("outs", []))
+        metrics = _out_paths(stage.get("metrics", []))
+        persistent = {p for p, o in outs.items() if o.get("persist")}
+        # Outputs DVC rebuilds are exactly Snakemake's declared outputs; persistent ones (resume
+        # state) are left undeclared in Snakemake, which would delete them before each run.
+        assert set(rule["output"].values()) == (set(outs) - persistent) | set(metrics), name
+        assert persistent.isdisjoint(rule["output"].values())
+        # Both tools pass the same params.yaml sections, so the same edits rerun the stage.
+        assert rule["params"] == stage["params"], name
+        # Package code is a dependency in both.
+        assert "portraitgen" in stage["deps"]
+        assert "portraitgen/config.py" in rule["input"]
+        assert all(f.startswith("portraitgen/") for f in rule["input"])
+        assert rule["log"] == [f"results/logs/{name}.log"]
+        assert rule["benchmark"] == f"results/benchmarks/{name}.tsv"
+        # Every output lives in the stage's own folder, the one passed as --out.
+        out_dir = re.search(r"--out (\S+)", stage["cmd"]).group(1)
+        assert out_dir == f"results/{name}"
+        assert all(p.startswith(out_dir + "/") for p in [*outs, *metrics])
+
+    train = rules["train"]
+    assert train["output"] == {
+        "model": "results/train/final",
+        "metrics": "results/train/metrics.json",
+        "history": "results/train/metrics.jsonl",
+    }
+    assert train["directories"] == ["results/train/final"]
+    assert _out_paths(stages["train"]["outs"])["results/train/checkpoints"] == {"persist": True, "cache": False}
+    assert _out_paths(stages["train"]["metrics"]) == {"results/train/metrics.json": {"cache": False}}
+
+
+def test_params_keys_are_real_sections_and_exclude_tracking(project):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    keys = dvc_stages(project)["train"]["params"]
+    assert keys == ["seed", "model", "prompts", "sample", "train", "reward"]
+    assert set(keys) <= set(params)
+    assert "tracking" in params and "tracking" not in keys
+
+
+def test_hardware_flags_come_from_resources_not_params(project):
+    commands = dry_run_commands(
+        project, "--set-resources", "train:micro_batch=4", "train:mixed_precision=bf16", "train:gpu=1"
+    )
+    assert " --micro-batch-size 4 --mixed-precision bf16 " in commands["train"]
+
+    def keys(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield k
+                yield from keys(v)
+
+    hardware = {"micro_batch", "micro_batch_size", "mixed_precision", "gpu", "gpus", "num_processes"}
+    assert hardware.isdisjoint(keys(yaml.safe_load((REPO / "params.yaml").read_text())))
+
+
+def test_missing_params_section_is_named(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    del params["reward"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = smk(project, "-n", check=False)
+    assert proc.returncode != 0
+    assert "'reward' is a required property" in proc.stdout + proc.stderr
+
+
+def test_dvc_stage_list_shows_train(project):
+    dvc(project, "init", "--no-scm", "-q")
+    assert dvc(project, "stage", "list", "--name-only").stdout.split() == ["train"]
+    listed = dvc(project, "stage", "list").stdout  # truncated to the terminal's width
+    assert re.search(r"^train\s+Outputs results/train/final, ", listed, re.M), listed
+
+
+def test_dvc_config_is_quiet_and_does_not_stage():
+    config = (REPO / ".dvc" / "config").read_text()
+    assert re.search(r"analytics\s*=\s*false", config)
+    assert re.search(r"autostage\s*=\s*false", config)
+    ignored = (REPO / ".dvcignore").read_text().split()
+    assert {"/.venv/", "/mlflow.db", "/.snakemake/"} <= set(ignored)
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end with a stub `portraitgen`: what survives a rerun, what triggers one
+# --------------------------------------------------------------------------------------------------
+STUB = """#!{python}
+# Stand-in for `portraitgen train`: records its arguments, resumes like the trainer (one new
+# checkpoint per run, numbered after the ones it finds), writes final/ and metrics.json, and fails
+# after checkpointing when PORTRAITGEN_STUB_FAIL is set.
+import json, os, sys
+from pathlib import Path
+args = sys.argv[1:]
+out = Path(args[args.index("--out") + 1])
+ckpts = out / "checkpoints"
+ckpts.mkdir(parents=True, exist_ok=True)
+found = sorted(p.name for p in ckpts.iterdir())
+(ckpts / f"ckpt-{{len(found)}}").write_text("state")
+with open(os.environ["PORTRAITGEN_STUB_LOG"], "a") as f:
+    f.write(json.dumps({{"args": args, "resumed_from": found, "final_existed": (out / "final").exists()}}) + "\\n")
+if os.environ.get("PORTRAITGEN_STUB_FAIL"):
+    sys.exit("stub: failing on purpose")
+(out / "final").mkdir(exist_ok=True)
+(out / "final" / "model.safetensors").write_text("weights")
+(out / "metrics.json").write_text(json.dumps({{"reward_mean": 0.5}}))
+(out / "metrics.jsonl").write_text(json.dumps({{"iteration": 0}}) + "\\n")
+"""
+
+
+@pytest.fixture
+def stub_env(tmp_path: Path):
+    bin_dir = tmp_path / "stub-bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "portraitgen"
+    exe.write_text(STUB.format(python=sys.executable))
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    log = tmp_path / "stub-calls.jsonl"
+
+    def env(**extra):
+        return _env(bin_dir, PORTRAITGEN_STUB_LOG=str(log), **extra)
+
+    def calls():
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return env, calls
+
+
+def _edit_params(project: Path, section: str, key: str, value) -> None:
+    """Set params[section][key]. The file is rewritten with its keys sorted, i.e. reordered: that
+    alone must not rerun anything."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=True))
+
+
+def test_snakemake_keeps_checkpoints_and_reruns_only_on_params(project, stub_env):
+    env, calls = stub_env
+    smk(project, env=env())
+    train = project / "results" / "train"
+    assert (train / "metrics.json").exists() and (train / "final" / "model.safetensors").exists()
+    assert (project / "results" / "benchmarks" / "train.tsv").exists()
+    assert calls()[-1]["args"] == [
+        "train", "--params", "params.yaml", "--out", "results/train", "--micro-batch-size", "0", "--mixed-precision", "no"
+    ]
+
+    # Hardware and tracking settings, and the order of keys, do not rerun a finished job.
+    _edit_params(project, "tracking", "uri", "sqlite:///elsewhere.db")
+    dry = smk(project, "-n", "--set-resources", "train:micro_batch=4", "train:mixed_precision=bf16", env=env())
+    assert "Nothing to be done" in dry.stdout, dry.stdout
+
+    # A training setting does; the rerun fails after writing a checkpoint: Snakemake drops the
+    # declared outputs but the checkpoints survive, and the next run resumes from both.
+    _edit_params(project, "train", "lr", 0.5)
+    failed = smk(project, env=env(PORTRAITGEN_STUB_FAIL="1"), check=False)
+    assert failed.returncode != 0
+    assert re.search(r"rule train:.*?reason: Params have changed", failed.stdout + failed.stderr, re.S)
+    assert not any((train / name).exists() for name in ("final", "metrics.json", "metrics.jsonl"))
+    assert sorted(p.name for p in (train / "checkpoints").iterdir()) == ["ckpt-0", "ckpt-1"]
+
+    smk(project, env=env())
+    last = calls()[-1]
+    assert last["resumed_from"] == ["ckpt-0", "ckpt-1"]
+    assert last["final_existed"] is False
+    assert (train / "metrics.json").exists()
+
+
+def test_dvc_repro_keeps_checkpoints(project, stub_env):
+    env, calls = stub_env
+    dvc(project, "init", "--no-scm", "-q")
+    dvc(project, "repro", env=env())
+    assert calls()[-1]["args"] == ["train", "--params", "params.yaml", "--out", "results/train"]
+    train = project / "results" / "train"
+    assert json.loads((train / "metrics.json").read_text()) == {"reward_mean": 0.5}
+
+    # Editing tracking changes nothing DVC tracks; editing a training setting reruns the stage,
+    # which resumes from the persisted checkpoints while final/ is rebuilt from scratch.
+    _edit_params(project, "tracking", "experiment", "other")
+    assert "up to date" in dvc(project, "status", env=env()).stdout
+    _edit_params(project, "sample", "noise_level", 0.9)
+    assert re.search(r"params.yaml:\s+modified:\s+sample$", dvc(project, "status", env=env()).stdout, re.M)
+    dvc(project, "repro", env=env())
+    last = calls()[-1]
+    assert last["resumed_from"] == ["ckpt-0"]
+    assert last["final_existed"] is False
+    assert sorted(p.name for p in (train / "checkpoints").iterdir()) == ["ckpt-0", "ckpt-1"]
