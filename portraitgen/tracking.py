@@ -36,9 +36,13 @@ class Tracker:
         parent = os.environ.get(PARENT_ENV)
         if parent:
             all_tags["mlflow.parentRunId"] = parent
+        run = None
         if run_id:
-            run = mlflow.start_run(run_id=run_id)
-        else:
+            try:  # continue the run this training started before it was interrupted
+                run = mlflow.start_run(run_id=run_id)
+            except Exception as exc:  # e.g. a fresh tracking store: log to a new run instead
+                log.warning("cannot continue MLflow run %s (%s); starting a new run", run_id, exc)
+        if run is None:
             run = mlflow.start_run(run_name=stage, tags=all_tags)
             if params:
                 # MLflow caps a param value at 6000 chars and a batch at 100 params.

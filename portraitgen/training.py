@@ -154,6 +154,8 @@ class GRPOTrainer:
         # Text encoders run once, here: training only ever indexes these cached embeddings.
         self.cond_cache = self.policy.encode_prompts(self.prompts)
         self.uncond = self.policy.encode_prompts([""]) if self._cfg else None
+        if self.accelerator.device.type != "cpu":
+            self.policy.offload_text_encoders()
         self.start_iteration = 0
         self.history: list[dict[str, float]] = []
         self.optimizer_steps = 0
@@ -493,6 +495,7 @@ class GRPOTrainer:
                                      family=self.params.model.family, finetune=self.params.train.finetune,
                                      lora=self.params.train.lora, ema=use_ema)
             summary["exported"] = str(final)
+            summary["processes"] = self.world
             (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
             if self.tracker is not None:
                 self.tracker.log_dict(summary, "metrics.json")

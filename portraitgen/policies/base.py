@@ -195,6 +195,14 @@ class FlowPolicy(ABC):
         self.transformer.requires_grad_(True)
         self.finetune = "full"
 
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU: once prompts are embedded, training never calls them, and
+        on a GPU they would hold memory (T5-XXL alone is ~9 GiB in bf16) for nothing."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self.pipeline, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.to("cpu")
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
