@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 Conditioning = dict[str, torch.Tensor]
 
+# The attention projections of an MMDiT block (SD3, FLUX): image stream (to_*) and text stream (add_*).
+MMDIT_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                      "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+
 
 def cond_select(cond: Conditioning, index: torch.Tensor | Sequence[int]) -> Conditioning:
     if not isinstance(index, torch.Tensor):

@@ -32,7 +32,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from transformers import CLIPTextModel, T5EncoderModel
 
-from .base import Conditioning, FlowPolicy
+from .base import MMDIT_LORA_TARGETS, Conditioning, FlowPolicy
 from .tiny_vae import linear_tiny_vae
 from .tiny_text import clip_config, clip_tokenizer, t5_config, t5_tokenizer
 
@@ -43,8 +43,7 @@ class FluxPolicy(FlowPolicy):
     # "attn.to_q/k/v" also match the single-stream blocks' attention (those have no to_out: their output
     # goes through the block's proj_out together with the MLP). The add_* projections are the text stream of
     # the dual-stream blocks. This is the attention set of diffusers' FLUX LoRA training scripts.
-    default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    default_lora_targets = MMDIT_LORA_TARGETS
     # T5 sequence length; FluxPipeline's default (FLUX.1-dev). Lower it (e.g. 256, schnell's) to save compute;
     # sampling parity with the pipeline then needs the same `max_sequence_length` there.
     max_sequence_length = 512

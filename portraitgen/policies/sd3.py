@@ -8,7 +8,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-from .base import Conditioning, FlowPolicy
+from .base import MMDIT_LORA_TARGETS, Conditioning, FlowPolicy
 from .tiny_text import clip_config, clip_tokenizer, t5_config, t5_tokenizer
 from .tiny_vae import linear_tiny_vae
 
@@ -16,8 +16,8 @@ from .tiny_vae import linear_tiny_vae
 class SD3Policy(FlowPolicy):
     family = "sd3"
     pipeline_class = StableDiffusion3Pipeline
-    default_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    default_lora_targets = MMDIT_LORA_TARGETS
+    # T5 tokens per prompt; Flow-GRPO's SD3 setting (portrait captions fit; the pipeline default is 256).
     max_sequence_length = 128
 
     @staticmethod
