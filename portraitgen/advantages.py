@@ -29,26 +29,39 @@ class Advantages:
 
 
 def group_advantages(rewards: np.ndarray, group_ids: np.ndarray, *, global_std: bool = False, clip: float = 5.0,
-                     filter_zero_std: bool = True) -> Advantages:
+                     filter_zero_std: bool = True, is_exemplar: np.ndarray | None = None,
+                     exemplars_in_stats: bool = True, exemplar_cap: float | None = None) -> Advantages:
+    """Advantages of ``rewards`` standardised within the groups ``group_ids``.
+
+    Exemplars (``is_exemplar``) are members of their group like generated samples; with
+    ``exemplars_in_stats=False`` the group's mean and std come from its generated samples only (the
+    exemplar is then measured against what the policy currently produces), and ``exemplar_cap`` caps
+    their advantage from above so a real image far better than every sample cannot dominate the update.
+    """
     rewards = np.asarray(rewards, dtype=np.float64)
     group_ids = np.asarray(group_ids)
     if rewards.shape != group_ids.shape or rewards.ndim != 1:
         raise ValueError(f"rewards {rewards.shape} and group ids {group_ids.shape} must be equal 1-D shapes")
     if not np.isfinite(rewards).all():
         raise ValueError(f"{int((~np.isfinite(rewards)).sum())} non-finite rewards; refusing to compute advantages")
+    is_exemplar = np.zeros(rewards.shape, dtype=bool) if is_exemplar is None else np.asarray(is_exemplar, bool)
+    in_stats = np.ones_like(is_exemplar) if exemplars_in_stats else ~is_exemplar
     mean = np.zeros_like(rewards)
     std = np.zeros_like(rewards)
     uniq = np.unique(group_ids)
     zero_groups = 0
     for g in uniq:
         m = group_ids == g
-        mean[m] = rewards[m].mean()
-        std[m] = rewards[m].std()
+        ref = rewards[m & in_stats]
+        mean[m] = ref.mean()
+        std[m] = ref.std()
         zero_groups += bool(std[m][0] < ZERO_STD)
-    denom = (rewards.std() if global_std else std) + STD_EPS
+    denom = (rewards[in_stats].std() if global_std else std) + STD_EPS
     adv = (rewards - mean) / denom
     clipped = np.abs(adv) > clip
     adv = np.clip(adv, -clip, clip)
+    if exemplar_cap is not None:
+        adv = np.where(is_exemplar, np.minimum(adv, exemplar_cap), adv)
     mask = np.ones_like(rewards, dtype=bool)
     if filter_zero_std:
         mask = std >= ZERO_STD

@@ -1,7 +1,9 @@
 """The ``portraitgen`` command: one sub-command per pipeline stage.
 
+    portraitgen curate   --params params.yaml --out results/curate
     portraitgen train    --params params.yaml --out results/train
     portraitgen generate --model results/train --prompt "a portrait photo of a woman" --out results/generate
+    portraitgen train-detector --real results/curate/manifest.parquet --generated DIR --out results/detector
 
 Several processes: ``accelerate launch --num_processes N -m portraitgen train ...``.
 """
@@ -69,6 +71,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curate(args: argparse.Namespace) -> int:
+    from .config import load_params
+    from .curate import run_curate
+
+    params = load_params(args.params)
+    run_curate(params, args.out, part=args.part, num_parts=args.num_parts, merge_only=args.merge_only,
+               workers=args.workers)
+    return 0
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    from .config import load_params
+    from .invert import run_invert
+
+    params = load_params(args.params)
+    summary = run_invert(params, args.out, part=args.part, num_parts=args.num_parts, merge_only=args.merge_only,
+                         batch_size=args.batch_size)
+    log.info("invert: %s", {k: v for k, v in summary.items() if not isinstance(v, list)})
+    return 0
+
+
+def cmd_train_detector(args: argparse.Namespace) -> int:
+    import json
+
+    from .rewards.detector import DetectorConfig, train_detector_from_sources
+
+    cfg = DetectorConfig(size=args.size, crop=args.crop, width=args.width, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction, seed=args.seed)
+    report = train_detector_from_sources(args.real, args.generated, args.out, cfg, max_images=args.max_images)
+    summary = {k: report[k] for k in ("n_real", "n_generated", "n_val", "val_accuracy", "val_auc", "faces_found")}
+    print(json.dumps(summary))
+    log.info("detector written to %s (report.json has the held-out accuracy/AUC)", args.out)
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from .config import load_params
+    from .precompute import run_precompute
+
+    summary = run_precompute(load_params(args.params), args.out)
+    log.info("precompute: %s", summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portraitgen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="transformer autocast (hardware). Env: PORTRAITGEN_MIXED_PRECISION")
     tr.set_defaults(func=cmd_train)
 
+    cu = sub.add_parser("curate", help="real portraits -> face-centred crops, manifest.parquet, rejections, report")
+    cu.add_argument("--params", default="params.yaml")
+    cu.add_argument("--out", default="results/curate",
+                    help="output folder (manifest.parquet, images/, rejected.parquet, metrics.json, report.html)")
+    cu.add_argument("--part", type=int, help="analyse only this part (0-based) of --num-parts and write "
+                                             "parts/part-I-of-N.jsonl; no merge")
+    cu.add_argument("--num-parts", type=int, default=1, help="split the files into this many parts")
+    cu.add_argument("--merge-only", action="store_true", help="only read the --num-parts part files and write outputs")
+    cu.add_argument("--workers", type=int, default=None,
+                    help="analysis processes (hardware; default: all CPUs). Env: PORTRAITGEN_WORKERS")
+    cu.set_defaults(func=cmd_curate)
+
+    iv = sub.add_parser("invert", help="invert curated portraits into trajectory shards (+ index and report)")
+    iv.add_argument("--params", default="params.yaml")
+    iv.add_argument("--out", default="results/invert", help="output folder (shards/, index.parquet, report.html)")
+    iv.add_argument("--part", type=int, help="run only this part (0-based) of --num-parts; no merge")
+    iv.add_argument("--num-parts", type=int, default=1, help="split the shards into this many parts")
+    iv.add_argument("--merge-only", action="store_true", help="only verify the shards and write the index")
+    iv.add_argument("--batch-size", type=int, default=int(os.environ.get("PORTRAITGEN_INVERT_BATCH", 4)),
+                    help="images per forward pass (hardware). Env: PORTRAITGEN_INVERT_BATCH")
+    iv.set_defaults(func=cmd_invert)
+
+    pc = sub.add_parser("precompute", help="prompt-embedding cache and exemplar rewards (computed once)")
+    pc.add_argument("--params", default="params.yaml")
+    pc.add_argument("--out", default="results/precompute",
+                    help="output folder (prompt_embeddings.safetensors, exemplar_rewards.parquet)")
+    pc.set_defaults(func=cmd_precompute)
+
     ge = sub.add_parser("generate", help="make images from a base model, an exported model or a training run")
     ge.add_argument("--model", required=True,
                     help="training output folder, exported final/ folder, diffusers folder, or builtin:tiny")
@@ -99,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=int, default=0)
     ge.add_argument("--num-images", type=int, default=1, help="images per prompt")
     ge.set_defaults(func=cmd_generate)
+
+    td = sub.add_parser("train-detector", help="train the AI-Portrait real-vs-generated face classifier")
+    td.add_argument("--real", required=True, help="folder of real portraits, or a manifest with an image_path column")
+    td.add_argument("--generated", required=True, help="folder of images generated by the base model")
+    td.add_argument("--out", required=True, help="output folder (detector.safetensors, detector.json, report.json)")
+    td.add_argument("--crop", choices=["face", "center", "none"], default="face",
+                    help="classifier input: the detected face (centre square if none), a centre square, or the image")
+    td.add_argument("--size", type=int, default=64, help="crop side in px")
+    td.add_argument("--width", type=int, default=32, help="channels of the first conv block")
+    td.add_argument("--epochs", type=int, default=30)
+    td.add_argument("--batch-size", type=int, default=32)
+    td.add_argument("--lr", type=float, default=2e-3)
+    td.add_argument("--val-fraction", type=float, default=0.25, help="held out per class for the accuracy/AUC report")
+    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--max-images", type=int, default=0, help="use at most this many images per class (0: all)")
+    td.set_defaults(func=cmd_train_detector)
     return parser
 
 
@@ -108,7 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from .checkpointing import CheckpointError
     from .config import ConfigError
+    from .curate import CurateError
     from .export import ModelSpecError
+    from .embeddings import EmbeddingCacheError
+    from .exemplars import ExemplarError
+    from .images import ImageReadError
+    from .invert import InvertError
+    from .shards import ShardError
     from .policies import ModelPathError
     from .prompts import PromptSourceError
     from .rewards import RewardError
@@ -117,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, ModelSpecError, ModelPathError, PromptSourceError, RewardError,
-            TrainingSetupError) as exc:
+            TrainingSetupError, InvertError, ShardError, CurateError, EmbeddingCacheError, ExemplarError,
+            ImageReadError) as exc:
         print(f"portraitgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

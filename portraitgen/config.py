@@ -84,6 +84,20 @@ class EmaConfig:
 
 
 @dataclass(frozen=True)
+class ExemplarConfig:
+    """Real exemplars in the GRPO groups (design.md §4). per_group = 0 is plain GRPO."""
+
+    per_group: int = 0  # E: exemplar trajectories in each group (of sample.group_size); the rest are generated
+    index: str = "results/invert/index.parquet"  # the invert stage's index of shards
+    group_fraction: float = 1.0  # mixing ratio: fraction of each iteration's groups that get exemplars
+    include_in_std: bool = True  # exemplars count in their group's mean/std (else only generated samples do)
+    adv_cap: float = 5.0  # upper cap on an exemplar's advantage (the lower bound is -train.adv_clip_max)
+    schedule: Literal["constant", "linear_decay"] = "constant"  # E over training
+    decay_iterations: int = 0  # linear_decay: E falls to 0 over this many iterations
+    rewards: str = ""  # the precompute stage's exemplar_rewards.parquet ("" = score each exemplar once here)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     iterations: int = 40  # GRPO iterations (sample -> score -> train)
     finetune: Literal["lora", "full"] = "lora"
@@ -107,12 +121,82 @@ class TrainConfig:
     checkpoint_every: int = 10  # iterations between checkpoints (the last iteration always saves)
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
     log_images_every: int = 10  # iterations between sample grids logged to MLflow (0: never)
+    exemplars: ExemplarConfig = field(default_factory=ExemplarConfig)
+    # Prompt embeddings from the precompute stage ("" = run the text encoders at start-up instead).
+    # With a cache the text encoders are not even loaded.
+    prompt_embeddings: str = ""
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    """Curation of real portraits (portraitgen/curate.py). Crops are ``model.resolution`` px squares.
+
+    Only ``crop_scale`` and ``face_min_neighbors`` (and ``model.resolution``) change the cached per-image
+    analysis; every other key is applied afterwards, so changing it re-analyses nothing.
+    """
+
+    # "builtin:demo" (real portraits shipped in installed wheels), a folder (searched recursively for
+    # .jpg/.jpeg/.png/.webp/.bmp/.tif/.tiff), or a list file: .txt (one path per line) or .csv/.jsonl with
+    # a "path" column (and optionally "caption"); list paths are relative to the list file.
+    source: str = "builtin:demo"
+    captions: str = ""  # sidecar .csv/.jsonl: path, caption, optional attribute columns ("" = none)
+    caption_model: str = ""  # local transformers VLM folder for captions ("" = template captions)
+    include: str = ""  # text file of paths (relative to the source) or sha256/ids: keep only these ("" = all)
+    exclude: str = ""  # same format: reject these
+    min_side: int = 24  # px; shorter side of the (EXIF-rotated) source below this: too_small
+    max_aspect: float = 3.0  # long side / short side above this: extreme_aspect
+    face_min_neighbors: int = 5  # Haar detector: overlapping hits needed for a face (higher: fewer false faces)
+    max_faces: int = 1  # more prominent faces than this: too_many_faces
+    min_face_frac: float = 0.08  # face box side / the image's shorter side below this: face_too_small
+    crop_scale: float = 2.2  # crop side / face box side (shifted, then shrunk, to stay inside the image)
+    max_upscale: float = 4.0  # crop side x max_upscale must reach model.resolution, else upscale_too_large
+    max_blur: float = 0.6  # blur_effect of the crop at native size, 0 sharp .. 1 blurry; above: blurry
+    min_brightness: float = 0.12  # mean luma of the crop in [0, 1]
+    max_brightness: float = 0.9
+    max_clipped: float = 0.3  # fraction of crop pixels pure black or pure white
+    min_contrast: float = 0.04  # std of the crop's luma in [0, 1]; below: low_contrast
+    dedup_max_distance: int = 6  # pHash bits (of 64) at or below which crops are near-duplicates; -1: off
+    bench_fraction: float = 0.1  # fraction of kept images in split bench_reference (by a hash of the id)
+    split_seed: int = 0  # seeds that hash; independent of `seed`, so training seeds never move the split
+
+
+@dataclass(frozen=True)
+class InvertConfig:
+    """Inversion of curated real portraits into trajectories on the training schedule (design.md §4).
+
+    The schedule, step type and noise level are the training ones (``sample.*``, ``model.resolution``).
+    """
+
+    manifest: str = "results/curate/manifest.parquet"  # curated images (id, content_hash, image_path, caption)
+    mode: Literal["euler", "fixed_point", "bridge"] = "bridge"
+    fixed_point_iters: int = 5  # fixed-point iterations per step (fixed_point, and bridge_start: ode)
+    bridge_start: Literal["noise", "ode"] = "noise"  # bridge: start from Gaussian noise or an ODE-inverted x_0
+    guidance_scale: float = 1.0  # CFG for the inverting velocity (1 = none; CFG makes inversion unstable)
+    shard_size: int = 64  # exemplars per shard file
+    diagnostic_samples: int = 4  # generated samples per caption for the trajectory log-prob comparison
+
+
+@dataclass(frozen=True)
+class RewardNormalizeConfig:
+    """``(score - mean) / std``, clipped to ±clip (0: no clip), before the component is weighted."""
+
+    mean: float = 0.0
+    std: float = 1.0  # > 0
+    clip: float = 0.0
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     # name -> weight; the training reward is the weighted sum. Names come from the reward registry.
     components: dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})
+    # name -> keyword options of that reward's factory (backend, model path, prompt template, calibration
+    # set, batch size, ...); each reward checks its own options. See README "Rewards".
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # name -> per-component normalisation; components without an entry enter the sum as they are.
+    normalize: dict[str, RewardNormalizeConfig] = field(default_factory=dict)
+    # A NaN/inf or unscorable image: "error" stops with the reward and images named; "mask" replaces it by
+    # the batch mean of that component, counts it and logs the masked fraction (reward/masked).
+    on_invalid: Literal["error", "mask"] = "error"
 
 
 @dataclass(frozen=True)
@@ -131,6 +215,8 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    invert: InvertConfig = field(default_factory=InvertConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
 
     @property
     def prompts_per_iteration(self) -> int:
@@ -204,6 +290,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise bad
         return value
+    if tp is Any:  # free-form values (reward.options) are checked by their consumer
+        return value
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not in params
 
 
@@ -257,7 +345,43 @@ def _check_ranges(p: Params) -> None:
          f"expected between 1 and sample.num_steps={s.num_steps}")
     need(ts.window_range == 0 or ts.window_size <= ts.window_range <= s.num_steps, "train.trained_steps.window_range",
          ts.window_range, f"expected 0 or between window_size and sample.num_steps={s.num_steps}")
+    ex, inv = t.exemplars, p.invert
+    need(0 <= ex.per_group < s.group_size, "train.exemplars.per_group", ex.per_group,
+         f"expected 0 <= E < sample.group_size={s.group_size} (a group needs generated samples)")
+    need(ex.per_group == 0 or p.prompts.source == "exemplars", "prompts.source", p.prompts.source,
+         "expected 'exemplars' when train.exemplars.per_group > 0 (groups are built around exemplar captions)")
+    need(0.0 <= ex.group_fraction <= 1.0, "train.exemplars.group_fraction", ex.group_fraction, "expected in [0, 1]")
+    need(ex.adv_cap > 0, "train.exemplars.adv_cap", ex.adv_cap, "expected > 0")
+    need(ex.schedule == "constant" or ex.decay_iterations >= 1, "train.exemplars.decay_iterations",
+         ex.decay_iterations, "expected >= 1 with schedule 'linear_decay'")
+    need(inv.fixed_point_iters >= 1, "invert.fixed_point_iters", inv.fixed_point_iters, "expected at least 1")
+    need(inv.guidance_scale >= 1.0, "invert.guidance_scale", inv.guidance_scale, "expected >= 1.0")
+    need(inv.shard_size >= 1, "invert.shard_size", inv.shard_size, "expected at least 1")
+    need(inv.diagnostic_samples >= 2, "invert.diagnostic_samples", inv.diagnostic_samples, "expected at least 2")
+    cu = p.curate
+    need(cu.source.strip() != "", "curate.source", cu.source, "expected 'builtin:demo', a folder or a list file")
+    need(cu.min_side >= 1, "curate.min_side", cu.min_side, "expected at least 1 (px)")
+    need(cu.max_aspect >= 1.0, "curate.max_aspect", cu.max_aspect, "expected >= 1.0")
+    need(cu.face_min_neighbors >= 1, "curate.face_min_neighbors", cu.face_min_neighbors, "expected at least 1")
+    need(cu.max_faces >= 1, "curate.max_faces", cu.max_faces, "expected at least 1")
+    need(0.0 <= cu.min_face_frac <= 1.0, "curate.min_face_frac", cu.min_face_frac, "expected in [0, 1]")
+    need(cu.crop_scale >= 1.0, "curate.crop_scale", cu.crop_scale, "expected >= 1.0 (the crop holds the face)")
+    need(cu.max_upscale > 0, "curate.max_upscale", cu.max_upscale, "expected > 0")
+    need(0.0 <= cu.max_blur <= 1.0, "curate.max_blur", cu.max_blur, "expected in [0, 1]")
+    need(0.0 <= cu.min_brightness <= 1.0, "curate.min_brightness", cu.min_brightness, "expected in [0, 1]")
+    need(cu.min_brightness <= cu.max_brightness <= 1.0, "curate.max_brightness", cu.max_brightness,
+         f"expected in [curate.min_brightness={cu.min_brightness}, 1]")
+    need(0.0 <= cu.max_clipped <= 1.0, "curate.max_clipped", cu.max_clipped, "expected in [0, 1]")
+    need(0.0 <= cu.min_contrast <= 1.0, "curate.min_contrast", cu.min_contrast, "expected in [0, 1]")
+    need(-1 <= cu.dedup_max_distance <= 64, "curate.dedup_max_distance", cu.dedup_max_distance,
+         "expected -1 (off) to 64 bits")
+    need(0.0 <= cu.bench_fraction <= 1.0, "curate.bench_fraction", cu.bench_fraction, "expected in [0, 1]")
     need(len(p.reward.components) > 0, "reward.components", p.reward.components, "expected at least one reward")
+    for section in ("options", "normalize"):
+        for name in getattr(p.reward, section):
+            need(name in p.reward.components, f"reward.{section}.{name}", name, "expected a name in reward.components")
+    for name, norm in p.reward.normalize.items():
+        need(norm.std > 0, f"reward.normalize.{name}.std", norm.std, "expected > 0")
     need(p.model.path.strip() != "", "model.path", p.model.path, "expected a local folder or 'builtin:tiny'")
 
 

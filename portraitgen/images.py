@@ -3,8 +3,26 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from PIL import Image
+
+
+class ImageReadError(ValueError):
+    """An image file cannot be read."""
+
+
+def load_image(path: str, resolution: int) -> torch.Tensor:
+    """``[3, R, R]`` float in [0, 1]; square crops are resized, anything else is centre-cropped first."""
+    try:
+        img = Image.open(path).convert("RGB")
+    except Exception as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}") from None
+    w, h = img.size
+    side = min(w, h)
+    img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    img = img.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

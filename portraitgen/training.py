@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -41,7 +42,10 @@ from . import checkpointing, export
 from .advantages import group_advantages
 from .config import Params, flatten, params_to_dict
 from .ema import EMA
-from .policies import FlowPolicy, cond_select, load_policy, resolve_model_path
+from .embeddings import EmbeddingCache
+from .exemplars import ExemplarBank
+from .images import load_image
+from .policies import FlowPolicy, cond_select, load_policy, model_fingerprint, resolve_model_path
 from .prompts import load_prompts
 from .rewards import RewardSet
 from .sampling import Trajectory, randn_per_sample, rollout, step_mean, step_std, stochastic_step
@@ -87,6 +91,7 @@ def fingerprint_hash(params: Params) -> str:
 class IterationPlan:
     prompt_ids: np.ndarray  # [prompts_per_iteration] index into the prompt list
     stochastic: torch.Tensor  # [T] bool: SDE steps of this iteration's rollouts
+    exemplar_rows: np.ndarray | None = None  # [prompts, group_size]: exemplar row per slot, -1 = generated
 
 
 @dataclass
@@ -98,8 +103,10 @@ class LocalBatch:
     prompt_ids: np.ndarray  # [n]
     latents: torch.Tensor  # [n, T+1, C, h, w]
     log_probs: torch.Tensor  # [n, T]
-    stochastic: torch.Tensor  # [T]
+    stochastic: torch.Tensor  # [T]: the rollouts' SDE steps
     images: torch.Tensor  # [n, 3, H, W]
+    trainable: torch.Tensor  # [n, T] bool: transitions each sample may be trained on
+    exemplar_rows: np.ndarray  # [n] exemplar row of each sample, -1 for generated samples
     rewards: dict[str, np.ndarray] = field(default_factory=dict)
     advantages: np.ndarray | None = None
     mask: np.ndarray | None = None
@@ -116,20 +123,35 @@ class GRPOTrainer:
         # with the same training params, and changing them starts afresh without deleting anything.
         self.ckpt_dir = self.out_dir / "checkpoints" / fingerprint_hash(params)
         self.hardware = hardware
-        self.accelerator = accelerator or Accelerator(mixed_precision=hardware.mixed_precision)
+        # Without CUDA, ask Accelerate for its CPU backend explicitly: several processes started by
+        # `accelerate launch --multi_gpu` / torchrun then form a gloo group instead of N lone runs.
+        self.accelerator = accelerator or Accelerator(mixed_precision=hardware.mixed_precision,
+                                                      cpu=not torch.cuda.is_available())
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
         self._check_layout()
         # Cheap checks first, so a bad prompt file or reward name fails before the model loads.
-        self.prompts = load_prompts(params.prompts.source)
-        self.rewards = RewardSet(params.reward.components)
+        self.bank: ExemplarBank | None = None
+        ex = params.train.exemplars
+        if params.prompts.source == "exemplars":
+            if not Path(ex.index).is_file():
+                raise TrainingSetupError(f"train.exemplars.index: {ex.index} not found (prompts.source is "
+                                         f"'exemplars'; run `portraitgen invert` first)")
+            self.prompts = sorted(set(pd.read_parquet(ex.index, columns=["caption"])["caption"]))
+        else:
+            self.prompts = load_prompts(params.prompts.source)
+        self.rewards = RewardSet.from_config(params.reward)
         model_path = resolve_model_path(params.model.family, params.model.path)
         if not model_path.is_dir():
             raise TrainingSetupError(f"model.path: model folder not found: {model_path}")
 
         torch.manual_seed(params.seed)  # adapter init is the only draw from the global RNG
-        self.policy: FlowPolicy = load_policy(params.model.family, params.model.path, device=self.accelerator.device)
+        embeddings = None
+        if t_emb := params.train.prompt_embeddings:
+            embeddings = EmbeddingCache(t_emb, model_fingerprint(params.model.family, params.model.path))
+        self.policy: FlowPolicy = load_policy(params.model.family, params.model.path, device=self.accelerator.device,
+                                              text_encoders=embeddings is None)
         self.policy.freeze_all()
         t = params.train
         if t.finetune == "lora":
@@ -151,15 +173,42 @@ class GRPOTrainer:
         res = params.model.resolution
         self.latent_shape = self.policy.latent_shape(res, res)
         self.sigmas = self.policy.sigmas(params.sample.num_steps, res, res)
-        # Text encoders run once, here: training only ever indexes these cached embeddings.
-        self.cond_cache = self.policy.encode_prompts(self.prompts)
-        self.uncond = self.policy.encode_prompts([""]) if self._cfg else None
+        # Text encoders run once (here, or in the precompute stage): training only indexes these embeddings.
+        if embeddings is None:
+            embeddings = EmbeddingCache.from_policy(self.policy, self.prompts)
+        dev = self.accelerator.device
+        self.cond_cache = embeddings.lookup(self.prompts, dev)
+        self.uncond = embeddings.lookup([""], dev) if self._cfg else None
+        if ex.per_group > 0:
+            self.bank = ExemplarBank(ex.index, sigmas=self.sigmas,
+                                     model_fingerprint=model_fingerprint(params.model.family, params.model.path))
+            self._exemplar_rewards: dict[int, dict[str, float]] = {}  # computed once: the image never changes
+            if ex.rewards:
+                self._exemplar_rewards = self._precomputed_exemplar_rewards(ex.rewards)
+            self._exemplar_images: dict[int, torch.Tensor] = {}
         if self.accelerator.device.type != "cpu":
             self.policy.offload_text_encoders()
         self.start_iteration = 0
         self.history: list[dict[str, float]] = []
         self.optimizer_steps = 0
         self.tracker: Tracker | None = None
+
+    def _precomputed_exemplar_rewards(self, path: str) -> dict[int, dict[str, float]]:
+        from .precompute import reward_config_hash
+
+        if not Path(path).is_file():
+            raise TrainingSetupError(f"train.exemplars.rewards: {path} not found (run `portraitgen precompute`)")
+        table = pd.read_parquet(path)
+        if (table["reward_config"] != reward_config_hash(self.params)).any():
+            raise TrainingSetupError(f"train.exemplars.rewards: {path} was scored with another reward config; "
+                                     f"re-run `portraitgen precompute`")
+        by_hash = table.drop_duplicates("content_hash").set_index("content_hash")
+        names = list(self.rewards.weights) + ["total"]
+        out = {}
+        for row, h in enumerate(self.bank.index["content_hash"]):
+            if h in by_hash.index:
+                out[row] = {n: float(by_hash.loc[h, n]) for n in names}
+        return out
 
     # ------------------------------------------------------------------ setup helpers
     @property
@@ -196,6 +245,7 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ plan
     def plan(self, iteration: int) -> IterationPlan:
         p = self.params
+        self._iteration = iteration
         rng = np.random.default_rng([p.seed, iteration, 0])
         n_prompts = p.prompts_per_iteration
         prompt_ids = rng.choice(len(self.prompts), size=n_prompts, replace=len(self.prompts) < n_prompts)
@@ -207,7 +257,31 @@ class GRPOTrainer:
             start = int(rng.integers(0, span - ts.window_size + 1))
             stochastic = torch.zeros(T, dtype=torch.bool)
             stochastic[start:start + ts.window_size] = True
-        return IterationPlan(prompt_ids=prompt_ids, stochastic=stochastic)
+        return IterationPlan(prompt_ids=prompt_ids, stochastic=stochastic,
+                             exemplar_rows=self._plan_exemplars(iteration, prompt_ids))
+
+    def exemplars_per_group(self, iteration: int) -> int:
+        ex = self.params.train.exemplars
+        if ex.schedule == "linear_decay":
+            return int(round(ex.per_group * max(0.0, 1.0 - iteration / ex.decay_iterations)))
+        return ex.per_group
+
+    def _plan_exemplars(self, iteration: int, prompt_ids: np.ndarray) -> np.ndarray | None:
+        """Which slots of which groups hold exemplars: the last E slots of a group, for a fraction of the
+        groups. Drawn from its own stream, so plain GRPO's draws are untouched."""
+        if self.bank is None:
+            return None
+        ex, G = self.params.train.exemplars, self.params.sample.group_size
+        rng = np.random.default_rng([self.params.seed, iteration, 5])
+        E = self.exemplars_per_group(iteration)
+        rows = np.full((len(prompt_ids), G), -1, dtype=np.int64)
+        with_exemplars = rng.random(len(prompt_ids)) < ex.group_fraction
+        for g, pid in enumerate(prompt_ids):
+            candidates = self.bank.rows_by_caption.get(self.prompts[pid], np.array([], dtype=np.int64))
+            if E == 0 or not with_exemplars[g] or len(candidates) == 0:
+                continue
+            rows[g, G - E:] = rng.choice(candidates, size=E, replace=len(candidates) < E)
+        return rows
 
     # ------------------------------------------------------------------ sample
     @torch.no_grad()
@@ -216,24 +290,70 @@ class GRPOTrainer:
         idx = np.arange(self.rank * self.local_samples, (self.rank + 1) * self.local_samples)
         group = idx // G
         prompt_ids = plan.prompt_ids[group]
-        lat, lps, imgs = [], [], []
+        ex_rows = (plan.exemplar_rows[group, idx % G] if plan.exemplar_rows is not None
+                   else np.full(len(idx), -1, dtype=np.int64))
+        n, T = len(idx), p.sample.num_steps
+        latents = torch.empty(n, T + 1, *self.latent_shape, device=self.accelerator.device)
+        log_probs = torch.zeros(n, T, device=self.accelerator.device)
+        images: list[torch.Tensor | None] = [None] * n
+        trainable = torch.zeros(n, T, dtype=torch.bool)
         stochastic = plan.stochastic
-        for lo in range(0, len(idx), self.micro_batch):
-            chunk = idx[lo:lo + self.micro_batch]
-            gens = [seeded_generator(p.seed, iteration, int(i), 1) for i in chunk]
+        gen = np.flatnonzero(ex_rows < 0)
+        for lo in range(0, len(gen), self.micro_batch):
+            pos = gen[lo:lo + self.micro_batch]
+            gens = [seeded_generator(p.seed, iteration, int(idx[i]), 1) for i in pos]
             start = randn_per_sample(self.latent_shape, gens, self.accelerator.device)
-            cond = cond_select(self.cond_cache, prompt_ids[lo:lo + self.micro_batch])
-            uncond = self._uncond_like(len(chunk))
+            cond = cond_select(self.cond_cache, prompt_ids[pos])
             with self._autocast():
                 traj: Trajectory = rollout(self.policy, cond, start, self.sigmas, step_type=p.sample.step_type,
-                                           noise_level=p.sample.noise_level, generators=gens, uncond=uncond,
-                                           guidance_scale=self._gscale(), stochastic=plan.stochastic)
+                                           noise_level=p.sample.noise_level, generators=gens,
+                                           uncond=self._uncond_like(len(pos)), guidance_scale=self._gscale(),
+                                           stochastic=plan.stochastic)
             stochastic = traj.stochastic
-            lat.append(traj.latents)
-            lps.append(traj.log_probs)
-            imgs.append(self.policy.decode(traj.final))
-        return LocalBatch(sample_index=idx, group=group, prompt_ids=prompt_ids, latents=torch.cat(lat),
-                          log_probs=torch.cat(lps), stochastic=stochastic, images=torch.cat(imgs))
+            latents[pos], log_probs[pos] = traj.latents, traj.log_probs
+            trainable[pos] = traj.stochastic
+            for i, img in zip(pos, self.policy.decode(traj.final)):
+                images[i] = img
+        ex = np.flatnonzero(ex_rows >= 0)
+        for lo in range(0, len(ex), self.micro_batch):
+            pos = ex[lo:lo + self.micro_batch]
+            trajs = [self.bank.trajectory(int(ex_rows[i])) for i in pos]
+            lat = torch.stack([t[0] for t in trajs]).to(self.accelerator.device)
+            # Exemplars are trained where the rollouts are (window mode) and where their own path allows.
+            trainable[pos] = torch.stack([t[1] for t in trajs]) & plan.stochastic
+            latents[pos] = lat
+            # logp_old under the current rollout policy, so an exemplar's first ratio is exactly 1.
+            log_probs[pos] = self._transition_log_probs(lat, prompt_ids[pos], trainable[pos])
+            for i in pos:
+                images[i] = self._exemplar_image(int(ex_rows[i]))
+        return LocalBatch(sample_index=idx, group=group, prompt_ids=prompt_ids, latents=latents,
+                          log_probs=log_probs, stochastic=stochastic, images=torch.stack(images),
+                          trainable=trainable, exemplar_rows=ex_rows)
+
+    @torch.no_grad()
+    def _transition_log_probs(self, latents: torch.Tensor, prompt_ids: np.ndarray,
+                              trainable: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        cond = cond_select(self.cond_cache, prompt_ids)
+        out = torch.zeros(latents.shape[0], latents.shape[1] - 1, device=latents.device)
+        sigma_max = float(self.sigmas[1])
+        for i in range(latents.shape[1] - 1):
+            if not trainable[:, i].any():
+                continue
+            with self._autocast():
+                v = self.policy.predict_velocity(latents[:, i], float(self.sigmas[i]), cond,
+                                                 self._uncond_like(len(prompt_ids)), self._gscale())
+            step = stochastic_step(latents[:, i], v, float(self.sigmas[i]), float(self.sigmas[i + 1]),
+                                   p.sample.step_type, p.sample.noise_level, sigma_max, prev_sample=latents[:, i + 1])
+            out[:, i] = torch.where(trainable[:, i].to(out.device), step.log_prob, torch.zeros_like(step.log_prob))
+        return out
+
+    def _exemplar_image(self, row: int) -> torch.Tensor:
+        """The real image an exemplar trajectory ends on (read once; it is what gets scored)."""
+        if row not in self._exemplar_images:
+            path = self.bank.index["image_file"].iloc[row]
+            self._exemplar_images[row] = load_image(path, self.params.model.resolution).to(self.accelerator.device)
+        return self._exemplar_images[row]
 
     def _uncond_like(self, n: int):
         if self.uncond is None:
@@ -242,9 +362,30 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ score
     def score(self, batch: LocalBatch) -> None:
+        """Rewards of generated images; exemplars' are computed once and reused (their image is fixed)."""
         prompts = [self.prompts[i] for i in batch.prompt_ids]
-        meta = [{"group": int(g), "sample_index": int(i)} for g, i in zip(batch.group, batch.sample_index)]
-        batch.rewards = self.rewards(batch.images, prompts, meta)
+        meta = [{"group": int(g), "sample_index": int(i), "exemplar": int(r) >= 0}
+                for g, i, r in zip(batch.group, batch.sample_index, batch.exemplar_rows)]
+        gen = np.flatnonzero(batch.exemplar_rows < 0)
+        ex = np.flatnonzero(batch.exemplar_rows >= 0)
+        if len(ex) == 0:
+            batch.rewards = self.rewards(batch.images, prompts, meta)
+            return
+        new = [i for i in ex if int(batch.exemplar_rows[i]) not in self._exemplar_rewards]
+        if new:
+            scored = self.rewards(batch.images[new], [prompts[i] for i in new], [meta[i] for i in new])
+            for k, i in enumerate(new):
+                self._exemplar_rewards[int(batch.exemplar_rows[i])] = {n: float(v[k]) for n, v in scored.items()}
+        names = list(self.rewards.weights) + ["total"]
+        out = {n: np.zeros(len(prompts), dtype=np.float32) for n in names}
+        if len(gen):
+            scored = self.rewards(batch.images[gen], [prompts[i] for i in gen], [meta[i] for i in gen])
+            for n in names:
+                out[n][gen] = scored[n]
+        for i in ex:
+            for n in names:
+                out[n][i] = self._exemplar_rewards[int(batch.exemplar_rows[i])][n]
+        batch.rewards = out
 
     # ------------------------------------------------------------------ advantages
     def _gather(self, array: np.ndarray) -> np.ndarray:
@@ -255,8 +396,11 @@ class GRPOTrainer:
         t = self.params.train
         all_rewards = self._gather(batch.rewards["total"].astype(np.float64))
         all_groups = self._gather(batch.group.astype(np.int64))
+        all_ex = self._gather(batch.exemplar_rows.astype(np.int64))
+        is_ex = all_ex >= 0
         adv = group_advantages(all_rewards, all_groups, global_std=t.global_std, clip=t.adv_clip_max,
-                               filter_zero_std=t.filter_zero_std)
+                               filter_zero_std=t.filter_zero_std, is_exemplar=is_ex,
+                               exemplars_in_stats=t.exemplars.include_in_std, exemplar_cap=t.exemplars.adv_cap)
         # Gather is rank-major, so this process's samples are one contiguous slice.
         sl = slice(self.rank * self.local_samples, (self.rank + 1) * self.local_samples)
         batch.advantages, batch.mask = adv.advantages[sl], adv.mask[sl]
@@ -264,6 +408,14 @@ class GRPOTrainer:
                  "advantage/abs_mean": float(np.abs(adv.advantages).mean()),
                  "advantage/clipped_fraction": adv.clipped_fraction, "zero_std_fraction": adv.zero_std_fraction,
                  "group/std_mean": float(np.unique(adv.group_std).mean())}
+        if self.bank is not None:
+            stats["exemplar/count"] = float(is_ex.sum())
+            stats["exemplar/per_group"] = float(self.exemplars_per_group(self._iteration))
+            for kind, sel in (("exemplar", is_ex), ("generated", ~is_ex)):
+                if sel.any():
+                    stats[f"{kind}/reward_mean"] = float(all_rewards[sel].mean())
+                    stats[f"{kind}/advantage_mean"] = float(adv.advantages[sel].mean())
+                    stats[f"{kind}/advantage_abs_mean"] = float(np.abs(adv.advantages[sel]).mean())
         components = {name: self._gather(values.astype(np.float64))
                       for name, values in batch.rewards.items() if name != "total"}
         for name, values in components.items():
@@ -274,28 +426,41 @@ class GRPOTrainer:
         self._sample_rows = [
             {"sample_index": i, "group": int(all_groups[i]), "prompt": self.prompts[int(all_prompts[i])],
              "reward": float(all_rewards[i]), **{f"reward_{k}": float(v[i]) for k, v in components.items()},
-             "advantage": float(adv.advantages[i]), "trained": bool(adv.mask[i])}
+             "advantage": float(adv.advantages[i]), "trained": bool(adv.mask[i]),
+             "exemplar": self.bank.exemplar_id(int(all_ex[i])) if all_ex[i] >= 0 else None}
             for i in range(len(all_rewards))]
         return stats
 
     # ------------------------------------------------------------------ train
-    def trained_steps(self, iteration: int, batch: LocalBatch) -> torch.Tensor:
-        """[n, K] step indices trained for each local sample (K is the same for all samples)."""
-        steps = torch.nonzero(batch.stochastic).flatten()
+    def trained_steps(self, iteration: int, batch: LocalBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(steps, valid)``, both ``[n, K]``: the transitions trained for each local sample.
+
+        Samples may have different numbers of trainable transitions (an exemplar's last bridge step is
+        deterministic); rows are padded to the longest and ``valid`` marks the real entries.
+        """
         ts = self.params.train.trained_steps
-        if ts.mode != "fraction":
-            return steps.unsqueeze(0).expand(len(batch.sample_index), -1)
-        k = max(1, math.ceil(ts.fraction * len(steps)))
-        rows = []
-        for i in batch.sample_index:
-            g = seeded_generator(self.params.seed, iteration, int(i), 2)
-            rows.append(steps[torch.randperm(len(steps), generator=g)[:k]].sort().values)
-        return torch.stack(rows)
+        rows, counts = [], []
+        for i, trainable in zip(batch.sample_index, batch.trainable):
+            steps = torch.nonzero(trainable).flatten()
+            if ts.mode == "fraction" and len(steps):
+                k = max(1, math.ceil(ts.fraction * len(steps)))
+                g = seeded_generator(self.params.seed, iteration, int(i), 2)
+                steps = steps[torch.randperm(len(steps), generator=g)[:k]].sort().values
+            rows.append(steps)
+            counts.append(len(steps))
+        K = max(counts)
+        out = torch.zeros(len(rows), K, dtype=torch.long)
+        valid = torch.zeros(len(rows), K, dtype=torch.bool)
+        for r, steps in enumerate(rows):
+            out[r, :len(steps)] = steps
+            valid[r, :len(steps)] = True
+        return out, valid
 
     def train(self, iteration: int, batch: LocalBatch) -> dict[str, float]:
         p, t = self.params, self.params.train
         dev = self.accelerator.device
-        steps = self.trained_steps(iteration, batch).to(dev)
+        steps, valid = self.trained_steps(iteration, batch)
+        steps, valid = steps.to(dev), valid.to(dev, torch.float32)
         K = steps.shape[1]
         if K == 0:
             raise TrainingSetupError("no stochastic step to train: check train.trained_steps and sample.step_type")
@@ -303,8 +468,16 @@ class GRPOTrainer:
         sigma_max = float(self.sigmas[1])
         adv = torch.as_tensor(batch.advantages, device=dev)
         mask = torch.as_tensor(batch.mask, device=dev, dtype=torch.float32)
+        is_ex = torch.as_tensor(batch.exemplar_rows >= 0, device=dev)
+        track_kinds = self.bank is not None
         acc: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "kl", "approx_kl", "clip_fraction",
                                                        "ratio_mean", "grad_norm")}
+        kinds: dict[str, list[float]] = {}
+
+        def note(key: str, values: torch.Tensor, weights: torch.Tensor) -> None:
+            if float(weights.sum()) > 0:
+                kinds.setdefault(key, []).append(float((values * weights).sum() / weights.sum()))
+
         self.policy.transformer.train()
         for epoch in range(t.num_inner_epochs):
             g = seeded_generator(p.seed, iteration, self.rank, 3, epoch)
@@ -317,6 +490,7 @@ class GRPOTrainer:
                 sync_now = (m + 1) % self.accumulation == 0
                 for k in range(K):
                     j = steps[b, k]
+                    w = mask[b] * valid[b, k]  # filtered groups and padding contribute nothing
                     x, x_next = batch.latents[b, j], batch.latents[b, j + 1]
                     sig, sig_next = sigmas[j], sigmas[j + 1]
                     last = sync_now and k == K - 1
@@ -324,6 +498,8 @@ class GRPOTrainer:
                     with ctx:
                         with self._autocast():
                             v = self.policy.predict_velocity(x, sig, cond, uncond, self._gscale())
+                        if track_kinds and v.requires_grad:
+                            v.register_hook(velocity_grad_logger(note, is_ex[b], w))
                         out = stochastic_step(x, v, sig, sig_next, p.sample.step_type, p.sample.noise_level,
                                               sigma_max, prev_sample=x_next)
                         old_lp = batch.log_probs[b, j]
@@ -339,15 +515,21 @@ class GRPOTrainer:
                             mean_ref = step_mean(p.sample.step_type, x, v_ref, sig, sig_next, s)
                             kl = ((out.mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.ndim))) / (2 * std**2)
                             per_sample = pg + t.kl_beta * kl
-                        loss = (per_sample * mask[b]).mean() / (self.accumulation * K)
+                        loss = (per_sample * w).mean() / (self.accumulation * K)
                         self.accelerator.backward(loss)
                     with torch.no_grad():
                         acc["loss"].append(float(loss) * self.accumulation * K)
-                        acc["policy_loss"].append(float((pg * mask[b]).mean()))
+                        acc["policy_loss"].append(float((pg * w).mean()))
                         acc["kl"].append(float(kl.mean()))
                         acc["approx_kl"].append(float(0.5 * ((out.log_prob - old_lp) ** 2).mean()))
                         acc["clip_fraction"].append(float(((ratio - 1).abs() > t.clip_range).float().mean()))
                         acc["ratio_mean"].append(float(ratio.mean()))
+                        if track_kinds:
+                            for kind, sel in (("exemplar", is_ex[b]), ("generated", ~is_ex[b])):
+                                ws = valid[b, k] * sel
+                                note(f"{kind}/ratio_mean", ratio, ws)
+                                note(f"{kind}/policy_loss", pg, ws * mask[b])
+                                note(f"{kind}/approx_kl", 0.5 * (out.log_prob - old_lp) ** 2, ws)
                 if sync_now:
                     grad_norm = self.accelerator.clip_grad_norm_(list(self.named_trainable.values()),
                                                                  t.max_grad_norm)
@@ -360,6 +542,7 @@ class GRPOTrainer:
                         self.ema.update(self.named_trainable)
         self.policy.transformer.eval()
         stats = {f"train/{k}": float(np.mean(v)) for k, v in acc.items() if v}
+        stats.update({k: float(np.mean(v)) for k, v in kinds.items()})
         stats["train/lr"] = float(self.scheduler.get_last_lr()[0])
         return stats
 
@@ -501,6 +684,18 @@ class GRPOTrainer:
                 self.tracker.log_dict(summary, "metrics.json")
         self.accelerator.wait_for_everyone()
         return summary
+
+
+def velocity_grad_logger(note, is_exemplar: torch.Tensor, weights: torch.Tensor):
+    """A backward hook on the predicted velocity: the gradient norm reaching each sample, logged for
+    exemplars and generated samples separately (their share of the learning signal)."""
+
+    def hook(grad: torch.Tensor) -> None:
+        norms = grad.detach().flatten(1).norm(dim=1)
+        note("exemplar/velocity_grad_norm", norms, weights * is_exemplar)
+        note("generated/velocity_grad_norm", norms, weights * ~is_exemplar)
+
+    return hook
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -17,6 +17,11 @@ def fast_params(**overrides) -> dict:
     base["sample"].update(num_steps=6, global_batch_size=8, group_size=4, guidance_scale=4.5)
     base["train"].update(iterations=2, global_batch_size=4, checkpoint_every=1, log_images_every=0)
     base["tracking"]["enabled"] = False
+    # The repository's params run the full exemplar pipeline on the stages' outputs; tests start from
+    # plain GRPO on the built-in prompts and opt into exemplars/caches explicitly.
+    base["prompts"]["source"] = "builtin:demo"
+    base["train"]["prompt_embeddings"] = ""
+    base["train"]["exemplars"] = {"per_group": 0, "rewards": ""}
     for dotted, value in overrides.items():
         node = base
         *parents, leaf = dotted.split(".")
@@ -28,4 +33,31 @@ def fast_params(**overrides) -> dict:
 
 def write_params(path: Path, **overrides) -> Path:
     path.write_text(yaml.safe_dump(fast_params(**overrides)))
+    return path
+
+
+def make_manifest(folder: Path, n: int = 5, size: int = 64, seed: int = 0, captions=None) -> Path:
+    """A hand-made curate manifest over ``n`` synthetic portraits-to-be (smooth colour fields)."""
+    import hashlib
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        low = rng.random((4, 4, 3))
+        img = Image.fromarray((low * 255).astype("uint8")).resize((size, size), Image.Resampling.BICUBIC)
+        rel = f"images/img{i:03d}.png"
+        img.save(folder / rel)
+        digest = hashlib.sha256((folder / rel).read_bytes()).hexdigest()
+        caption = captions[i] if captions else f"a portrait photo of person {i}"
+        rows.append({"id": digest[:16], "content_hash": digest, "image_path": rel, "caption": caption,
+                     "split": "train"})
+    rows.append({**rows[0], "id": "bench-only", "split": "bench_reference"})
+    path = folder / "manifest.parquet"
+    pd.DataFrame(rows).to_parquet(path, index=False)
     return path

@@ -37,7 +37,7 @@ def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     params = write_params(root / "params.yaml", **{
-        "train.iterations": 2, "train.log_images_every": 1, "tracking.enabled": True, "tracking.uri": uri,
+        "train.iterations": 2, "train.lr": 0.03, "train.log_images_every": 1, "tracking.enabled": True, "tracking.uri": uri,
         "tracking.experiment": "test-exp"})
     assert main(["train", "--params", str(params), "--out", str(root / "train")]) == 0
     return root, uri
@@ -59,7 +59,7 @@ def test_train_writes_outputs_and_logs_to_mlflow(trained_run):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["portraitgen.stage"] == "train"
-    assert run.data.params["train.lr"] == "0.001" and run.data.params["hardware.world_size"] == "1"
+    assert run.data.params["train.lr"] == "0.03" and run.data.params["hardware.world_size"] == "1"
     history = client.get_metric_history(run.info.run_id, "reward/mean")
     assert sorted(m.step for m in history) == [0, 1]
     for key in ("train/clip_fraction", "train/approx_kl", "train/kl", "train/grad_norm", "zero_std_fraction",

@@ -41,7 +41,9 @@ def test_two_processes_give_the_same_first_step_advantages(tmp_path):
     one = subprocess.run([sys.executable, "-m", "portraitgen", "train", "--params", str(params), "--out",
                           str(tmp_path / "one")], env=_env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([str(PYTHON_BIN / "accelerate"), "launch", "--num_processes", "2", "--cpu",
+    # On a machine without GPUs, Accelerate 1.x starts several CPU processes through its torchrun path
+    # (`--multi_gpu`); `--cpu` alone launches a single process unless MPI is installed.
+    two = subprocess.run([str(PYTHON_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "--main_process_port", str(_free_port()), "-m", "portraitgen", "train",
                           "--params", str(params), "--out", str(tmp_path / "two")],

@@ -28,8 +28,11 @@ DVC = str(BIN / "dvc") if (BIN / "dvc").exists() else shutil.which("dvc")
 
 pytestmark = pytest.mark.skipif(not (SNAKEMAKE and DVC), reason="needs snakemake and dvc (extra 'workflow')")
 
-# Hardware flags the Snakemake rules add to a stage's command (from resources), and its log redirect.
-HARDWARE_FLAGS = re.compile(r"( --micro-batch-size \S+)?( --mixed-precision \S+)?( > \S+ 2>&1)?$")
+# Hardware flags the Snakemake rules add to a stage's command (from resources and threads), and its
+# log redirect.
+HARDWARE_FLAGS = re.compile(
+    r"( --workers \S+)?( --micro-batch-size \S+)?( --mixed-precision \S+)?( --batch-size \S+)?( > \S+ 2>&1)?$"
+)
 
 # Lists the rules as Snakemake parsed them (named outputs, params names, input), as JSON.
 INTROSPECT = textwrap.dedent(
@@ -154,7 +157,10 @@ def test_lint_passes(project):
 def test_dry_run_lists_train_with_the_dvc_command(project):
     assert not (REPO / "Snakefile").exists()  # see dry_run_commands
     commands = dry_run_commands(project)
-    assert set(commands) == {"train"}  # `all` has no command
+    assert set(commands) == set(dvc_stages(project)) and {"curate", "train"} <= set(commands)  # `all` has none
+    assert commands["curate"] == (
+        "portraitgen curate --params params.yaml --out results/curate --workers 1 > results/logs/curate.log 2>&1"
+    )
     assert commands["train"] == (
         "portraitgen train --params params.yaml --out results/train"
         " --micro-batch-size 0 --mixed-precision no > results/logs/train.log 2>&1"
@@ -168,7 +174,7 @@ def test_dry_run_lists_train_with_the_dvc_command(project):
 def test_snakefile_and_dvc_yaml_agree(project):
     rules = snakemake_rules(project)
     stages = dvc_stages(project)
-    assert set(rules) - {"all"} == set(stages) == {"train"}
+    assert set(rules) - {"all"} == set(stages) and {"curate", "train"} <= set(stages)
 
     for name, stage in stages.items():
         rule = rules[name]
@@ -179,12 +185,14 @@ def test_snakefile_and_dvc_yaml_agree(project):
         # state) are left undeclared in Snakemake, which would delete them before each run.
         assert set(rule["output"].values()) == (set(outs) - persistent) | set(metrics), name
         assert persistent.isdisjoint(rule["output"].values())
-        # Both tools pass the same params.yaml sections, so the same edits rerun the stage.
-        assert rule["params"] == stage["params"], name
+        # Both tools pass the same params.yaml sections (or keys: DVC's `model.resolution` is Snakemake's
+        # `model_resolution`), so the same edits rerun the stage.
+        assert rule["params"] == [key.replace(".", "_") for key in stage["params"]], name
         # Package code is a dependency in both.
         assert "portraitgen" in stage["deps"]
         assert "portraitgen/config.py" in rule["input"]
-        assert all(f.startswith("portraitgen/") for f in rule["input"])
+        # Besides the package, both read the same files of other stages.
+        assert {f for f in rule["input"] if not f.startswith("portraitgen/")} == set(stage["deps"]) - {"portraitgen"}, name
         assert rule["log"] == [f"results/logs/{name}.log"]
         assert rule["benchmark"] == f"results/benchmarks/{name}.tsv"
         # Every output lives in the stage's own folder, the one passed as --out.
@@ -202,6 +210,20 @@ def test_snakefile_and_dvc_yaml_agree(project):
     assert _out_paths(stages["train"]["outs"])["results/train/checkpoints"] == {"persist": True, "cache": False}
     assert _out_paths(stages["train"]["metrics"]) == {"results/train/metrics.json": {"cache": False}}
 
+    curate = rules["curate"]
+    assert curate["output"] == {
+        "manifest": "results/curate/manifest.parquet",
+        "images": "results/curate/images",
+        "rejected": "results/curate/rejected.parquet",
+        "report": "results/curate/report.html",
+        "metrics": "results/curate/metrics.json",
+    }
+    assert curate["directories"] == ["results/curate/images"]
+    # The per-image cache survives reruns in both tools (what makes adding images cheap).
+    assert _out_paths(stages["curate"]["outs"])["results/curate/cache"] == {"persist": True, "cache": False}
+    assert "results/curate/cache" not in curate["output"].values()
+    assert "results/curate/manifest.parquet" in rules["all"]["input"]
+
 
 def test_params_keys_are_real_sections_and_exclude_tracking(project):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -209,6 +231,32 @@ def test_params_keys_are_real_sections_and_exclude_tracking(project):
     assert keys == ["seed", "model", "prompts", "sample", "train", "reward"]
     assert set(keys) <= set(params)
     assert "tracking" in params and "tracking" not in keys
+
+
+def test_curate_params_are_its_section_and_the_crop_size(project):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    keys = dvc_stages(project)["curate"]["params"]
+    assert keys == ["curate", "model.resolution"]
+    assert "curate" in params and "resolution" in params["model"]
+    # The package reads the same section: params.yaml sets every CurateConfig field.
+    import dataclasses
+
+    from portraitgen.config import CurateConfig
+
+    assert set(params["curate"]) == {f.name for f in dataclasses.fields(CurateConfig)}
+
+
+def test_curate_scatters_into_parts_and_gathers(project):
+    proc = smk(project, "-n", "--printshellcmds", "--config", "curate_parts=3")
+    shells = [ln.removeprefix("Shell command:").strip() for ln in proc.stdout.splitlines()
+              if ln.startswith("Shell command:")]
+    parts = sorted(c for c in shells if " --part " in c)
+    assert parts == [
+        f"portraitgen curate --params params.yaml --out results/curate --part {i:04d} --num-parts 3"
+        f" --workers 1 > results/logs/curate_part-{i:04d}.log 2>&1" for i in range(3)
+    ]
+    assert ("portraitgen curate --params params.yaml --out results/curate --workers 1 --merge-only --num-parts 3"
+            " > results/logs/curate.log 2>&1") in shells
 
 
 def test_hardware_flags_come_from_resources_not_params(project):
@@ -238,7 +286,7 @@ def test_missing_params_section_is_named(project):
 
 def test_dvc_stage_list_shows_train(project):
     dvc(project, "init", "--no-scm", "-q")
-    assert dvc(project, "stage", "list", "--name-only").stdout.split() == ["train"]
+    assert {"curate", "train"} <= set(dvc(project, "stage", "list", "--name-only").stdout.split())
     listed = dvc(project, "stage", "list").stdout  # truncated to the terminal's width
     assert re.search(r"^train\s+Outputs results/train/final, ", listed, re.M), listed
 
@@ -257,11 +305,35 @@ def test_dvc_config_is_quiet_and_does_not_stage():
 STUB = """#!{python}
 # Stand-in for `portraitgen train`: records its arguments, resumes like the trainer (one new
 # checkpoint per run, numbered after the ones it finds), writes final/ and metrics.json, and fails
-# after checkpointing when PORTRAITGEN_STUB_FAIL is set.
+# after checkpointing when PORTRAITGEN_STUB_FAIL is set. For `portraitgen curate`: writes the stage's
+# outputs and adds one entry to its cache per run; for invert and precompute: their declared outputs.
 import json, os, sys
 from pathlib import Path
 args = sys.argv[1:]
 out = Path(args[args.index("--out") + 1])
+if args[0] == "curate":  # the curate stage's outputs and its (undeclared / persistent) cache
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "cache").mkdir(exist_ok=True)
+    (out / "cache" / f"entry-{{len(list((out / 'cache').iterdir()))}}").write_text("analysis")
+    (out / "images" / "0123456789abcdef.png").write_text("crop")
+    for name in ("manifest.parquet", "rejected.parquet", "report.html"):
+        (out / name).write_text(name)
+    (out / "metrics.json").write_text(json.dumps({{"kept": 1}}))
+    with open(os.environ["PORTRAITGEN_STUB_LOG"], "a") as f:
+        f.write(json.dumps({{"args": args, "cache": sorted(p.name for p in (out / "cache").iterdir())}}) + "\\n")
+    sys.exit(0)
+if args[0] in ("invert", "precompute"):  # their declared outputs
+    names = {{"invert": ["index.parquet", "report.html", "residuals.png", "metrics.json"],
+             "precompute": ["prompt_embeddings.safetensors", "exemplar_rewards.parquet", "metrics.json"]}}
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names[args[0]]:
+        (out / name).write_text(name)
+    if args[0] == "invert":  # the persistent shard cache
+        (out / "shards").mkdir(exist_ok=True)
+        (out / "shards" / "shard-0123456789abcdef.safetensors").write_text("trajectories")
+    with open(os.environ["PORTRAITGEN_STUB_LOG"], "a") as f:
+        f.write(json.dumps({{"args": args}}) + "\\n")
+    sys.exit(0)
 ckpts = out / "checkpoints"
 ckpts.mkdir(parents=True, exist_ok=True)
 found = sorted(p.name for p in ckpts.iterdir())
@@ -289,8 +361,9 @@ def stub_env(tmp_path: Path):
     def env(**extra):
         return _env(bin_dir, PORTRAITGEN_STUB_LOG=str(log), **extra)
 
-    def calls():
-        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    def calls(stage="train"):
+        rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        return [row for row in rows if row["args"][0] == stage]
 
     return env, calls
 
@@ -353,3 +426,57 @@ def test_dvc_repro_keeps_checkpoints(project, stub_env):
     assert last["resumed_from"] == ["ckpt-0"]
     assert last["final_existed"] is False
     assert sorted(p.name for p in (train / "checkpoints").iterdir()) == ["ckpt-0", "ckpt-1"]
+
+
+def test_snakemake_reruns_curate_on_its_params_and_photos_only(project, stub_env):
+    env, calls = stub_env
+    photos = project / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"jpeg")
+    (photos / "notes.txt").write_text("not an image: not an input")
+    _edit_params(project, "curate", "source", "photos")
+    smk(project, env=env())
+    assert calls("curate")[-1]["args"] == [
+        "curate", "--params", "params.yaml", "--out", "results/curate", "--workers", "1"
+    ]
+    assert (project / "results" / "benchmarks" / "curate.tsv").exists()
+    # Training settings, the model's path and tracking do not change what is curated.
+    _edit_params(project, "train", "lr", 0.5)
+    _edit_params(project, "model", "path", "/models/elsewhere")
+    _edit_params(project, "tracking", "uri", "sqlite:///elsewhere.db")
+    (photos / "more-notes.txt").write_text("still not an image")
+    dry = smk(project, "-n", env=env())
+    assert "rule train:" in dry.stdout and "rule curate:" not in dry.stdout, dry.stdout
+    # A curate setting, the crop size and a new photo each do (each edit is undone after its dry run).
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    edits = [
+        (lambda: _edit_params(project, "curate", "max_blur", 0.5),
+         lambda: _edit_params(project, "curate", "max_blur", params["curate"]["max_blur"])),
+        (lambda: _edit_params(project, "model", "resolution", 128),
+         lambda: _edit_params(project, "model", "resolution", params["model"]["resolution"])),
+        (lambda: (photos / "b.png").write_bytes(b"png"), lambda: (photos / "b.png").unlink()),
+    ]
+    for edit, undo in edits:
+        edit()
+        assert "rule curate:" in smk(project, "-n", env=env()).stdout
+        undo()
+    # A rerun keeps the cache: Snakemake deletes declared outputs only.
+    (photos / "b.png").write_bytes(b"png")
+    smk(project, env=env())
+    assert [c["cache"] for c in calls("curate")][-1] == ["entry-0", "entry-1"]
+
+
+def test_dvc_repro_keeps_the_curate_cache(project, stub_env):
+    env, calls = stub_env
+    dvc(project, "init", "--no-scm", "-q")
+    dvc(project, "repro", env=env())
+    assert calls("curate")[-1]["args"] == ["curate", "--params", "params.yaml", "--out", "results/curate"]
+    _edit_params(project, "model", "path", "/models/elsewhere")
+    status = dvc(project, "status", env=env()).stdout
+    assert re.search(r"^train:", status, re.M) and not re.search(r"^curate:", status, re.M), status
+    _edit_params(project, "curate", "max_blur", 0.5)
+    assert re.search(r"^curate:", dvc(project, "status", env=env()).stdout, re.M)
+    dvc(project, "repro", env=env())
+    assert calls("curate")[-1]["cache"] == ["entry-0", "entry-1"]
+    assert (project / "results" / "curate" / "images" / "0123456789abcdef.png").exists()
+

@@ -70,13 +70,29 @@ def resolve_model_path(family: str, path: str) -> Path:
     return Path(path).expanduser()
 
 
+def model_fingerprint(family: str, path: str) -> str:
+    """Hash of a model's configs and weight-file names and sizes (cheap: weights are not read).
+
+    Caches made with a model (inverted trajectories, prompt embeddings) record it and are refused by
+    another model.
+    """
+    root = resolve_model_path(family, path)
+    h = hashlib.sha256(family.encode())
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes() if f.suffix in (".json", ".txt") else str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
 def load_policy(family: str, path: str, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> FlowPolicy:
+                dtype: torch.dtype = torch.float32, text_encoders: bool = True) -> FlowPolicy:
     """Load the policy of ``family`` from a local folder, or the built-in tiny model."""
     cls = policy_class(family)
-    return cls.from_pretrained(resolve_model_path(family, path), device=device, dtype=dtype)
+    return cls.from_pretrained(resolve_model_path(family, path), device=device, dtype=dtype,
+                               text_encoders=text_encoders)
 
 
 __all__ = ["Conditioning", "FlowPolicy", "ModelPathError", "BUILTIN_TINY", "cond_batch_size", "cond_cat",
-           "cond_select", "cond_to", "load_policy", "policy_class", "policy_classes", "resolve_model_path",
+           "cond_select", "cond_to", "load_policy", "model_fingerprint", "policy_class", "policy_classes", "resolve_model_path",
            "tiny_model_path"]

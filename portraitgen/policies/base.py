@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -80,8 +81,12 @@ class FlowPolicy(ABC):
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "FlowPolicy":
-        """Load a local diffusers pipeline folder (never the hub: ``local_files_only``)."""
+                        dtype: torch.dtype = torch.float32, text_encoders: bool = True) -> "FlowPolicy":
+        """Load a local diffusers pipeline folder (never the hub: ``local_files_only``).
+
+        ``text_encoders=False`` skips loading them (training from cached prompt embeddings): for large
+        models that is several GiB of memory and a long load saved.
+        """
         path = Path(path)
         if not path.is_dir():
             raise ModelPathError(f"model folder not found: {path} (model.path in params; expected a local "
@@ -89,7 +94,11 @@ class FlowPolicy(ABC):
         if not (path / "model_index.json").is_file():
             raise ModelPathError(f"{path} has no model_index.json: not a diffusers pipeline folder "
                                  f"(model.path in params)")
-        pipe = cls.pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        skip = {}
+        if not text_encoders:
+            index = json.loads((path / "model_index.json").read_text())
+            skip = {name: None for name in index if name.startswith("text_encoder")}
+        pipe = cls.pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True, **skip)
         return cls(pipe, device=device)
 
     @staticmethod
@@ -117,6 +126,9 @@ class FlowPolicy(ABC):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        if getattr(self.pipeline, "text_encoder", None) is None:
+            raise RuntimeError("this policy was loaded without text encoders (cached embeddings); "
+                               "load it with text_encoders=True to encode prompts")
         return self._encode_prompts(list(prompts))
 
     # ---------------------------------------------------------------- schedule and latents

@@ -28,6 +28,9 @@
 rule train:
     input:
         src=package_sources(),
+        exemplar_index=train_input("exemplar_index"),
+        prompt_embeddings=train_input("prompt_embeddings"),
+        exemplar_rewards=train_input("exemplar_rewards"),
     output:
         model=directory("results/train/final"),
         metrics="results/train/metrics.json",
