@@ -115,6 +115,13 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_part_args(parser: argparse.ArgumentParser, *, part: str, num_parts: str, merge: str) -> None:
+    """--part/--num-parts/--merge-only: scatter a stage over cluster jobs, then gather."""
+    parser.add_argument("--part", type=int, help=part)
+    parser.add_argument("--num-parts", type=int, default=1, help=num_parts)
+    parser.add_argument("--merge-only", action="store_true", help=merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portraitgen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="GRPO training (runs under `accelerate launch` for several processes)")
     tr.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    tr.add_argument("--out", default="results/train", help="output folder (checkpoints/, final/, metrics.json); a run resumes from its checkpoints")
+    tr.add_argument("--out", default="results/train",
+                    help="output folder (checkpoints/, final/, metrics.json); a run resumes from its checkpoints")
     tr.add_argument("--micro-batch-size", type=int, default=int(os.environ.get("PORTRAITGEN_MICRO_BATCH", 0)),
                     help="samples per forward pass per process (hardware; 0 = auto). Env: PORTRAITGEN_MICRO_BATCH")
     tr.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
@@ -135,10 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--params", default="params.yaml")
     cu.add_argument("--out", default="results/curate",
                     help="output folder (manifest.parquet, images/, rejected.parquet, metrics.json, report.html)")
-    cu.add_argument("--part", type=int, help="analyse only this part (0-based) of --num-parts and write "
-                                             "parts/part-I-of-N.jsonl; no merge")
-    cu.add_argument("--num-parts", type=int, default=1, help="split the files into this many parts")
-    cu.add_argument("--merge-only", action="store_true", help="only read the --num-parts part files and write outputs")
+    _add_part_args(cu, part="analyse only this part (0-based) of --num-parts and write parts/part-I-of-N.jsonl; "
+                            "no merge", num_parts="split the files into this many parts",
+                   merge="only read the --num-parts part files and write outputs")
     cu.add_argument("--workers", type=int, default=None,
                     help="analysis processes (hardware; default: all CPUs). Env: PORTRAITGEN_WORKERS")
     cu.set_defaults(func=cmd_curate)
@@ -146,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     iv = sub.add_parser("invert", help="invert curated portraits into trajectory shards (+ index and report)")
     iv.add_argument("--params", default="params.yaml")
     iv.add_argument("--out", default="results/invert", help="output folder (shards/, index.parquet, report.html)")
-    iv.add_argument("--part", type=int, help="run only this part (0-based) of --num-parts; no merge")
-    iv.add_argument("--num-parts", type=int, default=1, help="split the shards into this many parts")
-    iv.add_argument("--merge-only", action="store_true", help="only verify the shards and write the index")
+    _add_part_args(iv, part="run only this part (0-based) of --num-parts; no merge",
+                   num_parts="split the shards into this many parts",
+                   merge="only verify the shards and write the index")
     iv.add_argument("--batch-size", type=int, default=int(os.environ.get("PORTRAITGEN_INVERT_BATCH", 4)),
                     help="images per forward pass (hardware). Env: PORTRAITGEN_INVERT_BATCH")
     iv.set_defaults(func=cmd_invert)
