@@ -73,6 +73,8 @@ demo: install
 	PATH="$(VENV_PATH)" $(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
 	@echo
 	@echo "Results:"
+	@echo "  curated portraits   results/curate/report.html"
+	@echo "  inversion report    results/invert/report.html"
 	@echo "  summary metrics     results/train/metrics.json"
 	@echo "  per-iteration rows  results/train/metrics.jsonl"
 	@echo "  per-sample rows     results/train/samples.jsonl"
