@@ -87,11 +87,9 @@ def ai_portrait_classic(**options):
 
 @register_reward("ai_portrait_vlm")
 def ai_portrait_vlm(model_path: str = "", prompt: str = AI_PORTRAIT_VLM_PROMPT, **options):
-    from .vlm import VLMRater
+    from .vlm import vlm_reward
 
-    if not model_path:
-        raise RewardError("reward.options.ai_portrait_vlm.model_path: set it to a local VLM folder (or builtin:tiny)")
-    return VLMRater(model_path, prompt, **options)
+    return vlm_reward("ai_portrait_vlm", model_path, prompt, **options)
 
 
 @register_reward("ai_portrait_detector")

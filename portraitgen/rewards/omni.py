@@ -84,11 +84,9 @@ def omni_classic(**options):
 
 @register_reward("omni_vlm")
 def omni_vlm(model_path: str = "", prompt: str = OMNI_VLM_PROMPT, **options):
-    from .vlm import VLMRater
+    from .vlm import vlm_reward
 
-    if not model_path:
-        raise RewardError("reward.options.omni_vlm.model_path: set it to a local VLM folder (or builtin:tiny)")
-    return VLMRater(model_path, prompt, **options)
+    return vlm_reward("omni_vlm", model_path, prompt, **options)
 
 
 @register_reward("omni")

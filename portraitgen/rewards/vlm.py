@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .registry import PartsReward, RewardError
@@ -185,3 +184,10 @@ class VLMRater(PartsReward):
         e = torch.cat(expected).numpy()
         lo, hi = float(self.values.min()), float(self.values.max())
         return {"score": (e - lo) / (hi - lo), "expected_rating": e}
+
+
+def vlm_reward(reward_name: str, model_path: str, prompt: str, **options) -> "VLMRater":
+    """The factory body shared by the VLM-backed rewards (OmniReward and AI-Portrait differ in prompt only)."""
+    if not model_path:
+        raise RewardError(f"reward.options.{reward_name}.model_path: set it to a local VLM folder (or builtin:tiny)")
+    return VLMRater(model_path, prompt, **options)
