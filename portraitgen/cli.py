@@ -115,6 +115,41 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .schema import check_schema_file, schema_text
+
+    if args.check:
+        if check_schema_file(args.check):
+            return 0
+        print(f"{args.check} is stale or missing: regenerate it with "
+              f"`portraitgen schema --write {args.check}`", file=sys.stderr)
+        return 1
+    if args.write:
+        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write).write_text(schema_text())
+        return 0
+    print(schema_text(), end="")
+    return 0
+
+
+def cmd_mlflow_parent(args: argparse.Namespace) -> int:
+    from .pipeline_run import end_parent_run, main_start
+
+    if args.action == "start":
+        return main_start(args.params, args.launcher, args.command_line)
+    if not args.run_id:
+        raise SystemExit("portraitgen mlflow-parent end: --run-id is required")
+    end_parent_run(args.params, args.run_id, args.status)
+    return 0
+
+
+def cmd_tracked(args: argparse.Namespace) -> int:
+    from .pipeline_run import run_tracked
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return run_tracked(args.params, command, launcher=args.launcher)
+
+
 def _add_part_args(parser: argparse.ArgumentParser, *, part: str, num_parts: str, merge: str) -> None:
     """--part/--num-parts/--merge-only: scatter a stage over cluster jobs, then gather."""
     parser.add_argument("--part", type=int, help=part)
@@ -196,6 +231,28 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--seed", type=int, default=0)
     td.add_argument("--max-images", type=int, default=0, help="use at most this many images per class (0: all)")
     td.set_defaults(func=cmd_train_detector)
+
+    sc = sub.add_parser("schema", help="print, write or check the JSON schema of params.yaml (from config.py)")
+    sc.add_argument("--write", metavar="FILE", help="write the schema to FILE")
+    sc.add_argument("--check", metavar="FILE", help="exit 1 unless FILE holds the current schema")
+    sc.set_defaults(func=cmd_schema)
+
+    mp = sub.add_parser("mlflow-parent", help="start/end the MLflow parent run of a pipeline invocation")
+    mp.add_argument("action", choices=["start", "end"])
+    mp.add_argument("--params", default="params.yaml", help="its `tracking` section says where the run goes")
+    mp.add_argument("--launcher", default="snakemake", help="start: what runs the pipeline (tag and run name)")
+    mp.add_argument("--command-line", default="", help="start: the invoking command, stored as a tag")
+    mp.add_argument("--run-id", help="end: the parent run's id")
+    mp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
+    mp.set_defaults(func=cmd_mlflow_parent)
+
+    tk = sub.add_parser("tracked", help="run a command (e.g. `dvc repro`) under one MLflow parent run",
+                        description="portraitgen tracked -- dvc repro: every stage run by the command "
+                                    "becomes a child of one parent run; exits with the command's status.")
+    tk.add_argument("--params", default="params.yaml")
+    tk.add_argument("--launcher", help="name of the launcher (default: the command's name)")
+    tk.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    tk.set_defaults(func=cmd_tracked)
     return parser
 
 

@@ -36,13 +36,22 @@ class Tracker:
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         run = None
+        # CPU/GPU utilisation and memory of the stage, sampled by MLflow in a background thread (psutil;
+        # GPU figures need pynvml). Short stages still get a few samples.
+        system_metrics = os.environ.get("PORTRAITGEN_SYSTEM_METRICS", "1") != "0"
+        if system_metrics:
+            from mlflow.system_metrics import set_system_metrics_samples_before_logging, \
+                set_system_metrics_sampling_interval
+
+            set_system_metrics_sampling_interval(2)
+            set_system_metrics_samples_before_logging(1)
         if run_id:
             try:  # continue the run this training started before it was interrupted
-                run = mlflow.start_run(run_id=run_id)
+                run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
             except Exception as exc:  # e.g. a fresh tracking store: log to a new run instead
                 log.warning("cannot continue MLflow run %s (%s); starting a new run", run_id, exc)
         if run is None:
-            run = mlflow.start_run(run_name=stage, tags=all_tags)
+            run = mlflow.start_run(run_name=stage, tags=all_tags, log_system_metrics=system_metrics)
             if params:
                 # MLflow caps a param value at 6000 chars and a batch at 100 params.
                 items = [(k, str(v)[:6000]) for k, v in params.items()]

@@ -46,7 +46,7 @@ INTROSPECT = textwrap.dedent(
     with SnakemakeApi(OutputSettings()) as api:
         workflow = api.workflow(
             resource_settings=ResourceSettings(cores=1),
-            snakefile=Path("workflow/Snakefile"),
+            snakefile=Path("Snakefile"),
             workdir=Path.cwd(),
         )._workflow
         print(json.dumps({
@@ -67,8 +67,9 @@ INTROSPECT = textwrap.dedent(
 def _copy_project(dest: Path) -> Path:
     for name in ("workflow", "portraitgen"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("Snakefile", "dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy2(REPO / name, dest / name)
+    os.symlink(os.readlink(REPO / "profiles"), dest / "profiles")
     return dest
 
 
@@ -106,9 +107,8 @@ def dvc(project: Path, *args: str, env: dict | None = None) -> subprocess.Comple
 def dry_run_commands(project: Path, *args: str) -> dict[str, str]:
     """rule name -> the shell command a dry run prints for its job."""
     proc = smk(project, "-n", "--printshellcmds", *args)
-    # Snakemake finds workflow/Snakefile from the project root by itself and then loads
-    # workflow/profiles/default; a root Snakefile would make it look for profiles/default instead.
-    assert "Using workflow specific profile workflow/profiles/default" in proc.stderr
+    # Snakemake finds the root Snakefile and then profiles/default (a link into workflow/profiles).
+    assert "Using workflow specific profile profiles/default" in proc.stderr
     out = proc.stdout
     commands, rule = {}, None
     for line in out.splitlines():
@@ -155,7 +155,7 @@ def test_lint_passes(project):
 
 
 def test_dry_run_lists_train_with_the_dvc_command(project):
-    assert not (REPO / "Snakefile").exists()  # see dry_run_commands
+    assert (REPO / "profiles").resolve() == (REPO / "workflow" / "profiles").resolve()  # see dry_run_commands
     commands = dry_run_commands(project)
     assert set(commands) == set(dvc_stages(project)) and {"curate", "train"} <= set(commands)  # `all` has none
     assert commands["curate"] == (
@@ -282,6 +282,31 @@ def test_missing_params_section_is_named(project):
     proc = smk(project, "-n", check=False)
     assert proc.returncode != 0
     assert "'reward' is a required property" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "dotted, value, message",
+    [
+        ("model.family", "sdx", "'sdx' is not one of ['sd3', 'flux', 'zimage']"),  # the schema (enum)
+        ("train.lrr", 0.1, "'lrr' was unexpected"),  # the schema (unknown key) ...
+        ("sample.num_steps", "ten", "'ten' is not of type 'integer'"),  # ... and types
+        ("train.lr", -1.0, "params key 'train.lr': expected > 0"),  # the package's range check
+    ],
+)
+def test_bad_params_value_stops_before_any_job(project, dotted, value, message):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    node = params
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = smk(project, check=False)  # a real run, not a dry run: it must stop while building the DAG
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out
+    if "params key" not in message:  # the schema errors say where the value is
+        assert f"On instance['{parents[0]}']" in out, out
+    assert not (project / "results").exists()  # no job started
 
 
 def test_dvc_stage_list_shows_train(project):

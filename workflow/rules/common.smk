@@ -1,15 +1,78 @@
-# Helpers shared by the rules. No pipeline logic lives here: every rule calls the `portraitgen` CLI,
-# and the package validates params.yaml in full (portraitgen/config.py). The schema below only checks
-# the top-level sections, so a missing section fails at DAG-building time, naming the key.
+# Helpers shared by the rules. No pipeline logic lives here: every rule calls the `portraitgen` CLI.
 
 import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+# Keys of the Snakemake config that are workflow options (`--config invert_parts=4`), not params.
+WORKFLOW_OPTIONS = ("curate_parts", "invert_parts", "precompute_parts", "bench_parts", "ablation")
+
 # params.yaml is the Snakemake config (configfile: in workflow/Snakefile) and the file every stage
-# reads; check its sections before any job starts.
-validate(config, schema="../schemas/params.schema.yaml")
+# reads. Check it before the DAG is built, so a bad value stops the run before any job starts:
+# 1. the JSON schema, generated from portraitgen/config.py (`portraitgen schema`): unknown keys,
+#    types, enums -- each error names the key;
+validate(
+    {k: v for k, v in config.items() if k not in WORKFLOW_OPTIONS},
+    schema="../schemas/params.schema.yaml",
+    set_default=False,
+)
+
+
+# 2. the package's own validation (ranges and rules across keys, e.g. the group size dividing the
+#    batch), when snakemake runs beside the package; otherwise each stage repeats it when it starts.
+def _check_params_with_the_package():
+    try:
+        from portraitgen.config import ConfigError, params_from_dict
+    except ImportError:
+        return
+    try:
+        params_from_dict({k: v for k, v in config.items() if k not in WORKFLOW_OPTIONS})
+    except ConfigError as exc:
+        raise WorkflowError(f"params.yaml: {exc}") from None
+
+
+_check_params_with_the_package()
+
+
+# --- MLflow: one parent run per invocation (portraitgen/pipeline_run.py) ------------------------------
+# Started by `onstart` (workflow/Snakefile), which Snakemake calls only when jobs will run; each
+# stage's run is tagged as its child through PORTRAITGEN_PARENT_RUN_ID, inherited by local and
+# cluster jobs alike. A parent id already in the environment (an outer `portraitgen tracked`, or set
+# by hand) is kept, and then left for its owner to close.
+PARENT_ENV = "PORTRAITGEN_PARENT_RUN_ID"
+_OWNED_PARENT = []
+
+
+def start_pipeline_run():
+    if os.environ.get(PARENT_ENV):
+        return
+    proc = subprocess.run(
+        ["portraitgen", "mlflow-parent", "start", "--params", "params.yaml", "--launcher", "snakemake",
+         "--command-line", shlex.join(["snakemake", *sys.argv[1:]])],
+        capture_output=True,
+        text=True,
+    )
+    run_id = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else ""
+    if proc.returncode != 0:
+        # Tracking must never stop the pipeline: the stages still log their own runs.
+        print(f"MLflow parent run not started (stages log top-level runs):\n{proc.stderr}")
+    if run_id:
+        os.environ[PARENT_ENV] = run_id
+        _OWNED_PARENT.append(run_id)
+
+
+def end_pipeline_run(status):
+    for run_id in _OWNED_PARENT:
+        subprocess.run(
+            ["portraitgen", "mlflow-parent", "end", "--params", "params.yaml", "--run-id", run_id,
+             "--status", status],
+            check=False,
+        )
 
 
 def params_section(name):
