@@ -72,6 +72,16 @@ class Tracker:
         if self.enabled:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """A whole folder in one call (one round trip to a remote store instead of one per file)."""
+        if self.enabled:
+            self._mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)
+
+    def log_table(self, data, artifact_file: str) -> None:
+        """A DataFrame as an MLflow table (viewable and comparable in the UI's artifact/evaluation views)."""
+        if self.enabled:
+            self._mlflow.log_table(data, artifact_file=artifact_file)
+
     def log_dict(self, data: dict, artifact_file: str) -> None:
         if self.enabled:
             self._mlflow.log_dict(data, artifact_file)
