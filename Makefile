@@ -73,6 +73,7 @@ demo: install
 	PATH="$(VENV_PATH)" $(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
 	@echo
 	@echo "Results:"
+	@echo "  PortraitBench report  results/bench/report.html   (base vs trained, per category, with verdicts)"
 	@echo "  curated portraits   results/curate/report.html"
 	@echo "  inversion report    results/invert/report.html"
 	@echo "  summary metrics     results/train/metrics.json"
@@ -81,7 +82,7 @@ demo: install
 	@echo "  trained model       results/train/final"
 	@echo "  resume state        results/train/checkpoints"
 	@echo "  training log        results/logs/train.log"
-	@echo "  MLflow store        mlflow.db (artifacts in mlruns/)"
+	@echo "  MLflow store        mlflow.db (artifacts in mlruns/): one parent run, a child run per stage"
 	@echo "Open the MLflow UI with:"
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 

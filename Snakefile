@@ -11,6 +11,7 @@ include: "workflow/Snakefile"
 
 localrules:
     all,
+    ablation,
 
 
 # The default target. It must be a rule of this file: Snakemake never takes an included file's rule.
@@ -20,3 +21,4 @@ rule all:
         invert_report="results/invert/report.html",
         precompute_metrics="results/precompute/metrics.json",
         train_metrics="results/train/metrics.json",
+        bench_report="results/bench/report.html",

@@ -2,6 +2,7 @@
 
     portraitgen curate   --params params.yaml --out results/curate
     portraitgen train    --params params.yaml --out results/train
+    portraitgen bench    --params params.yaml --out results/bench
     portraitgen generate --model results/train --prompt "a portrait photo of a woman" --out results/generate
     portraitgen train-detector --real results/curate/manifest.parquet --generated DIR --out results/detector
 
@@ -40,7 +41,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import GRPOTrainer, Hardware
 
     params = load_params(args.params)
-    trainer = GRPOTrainer(params, args.out, Hardware(args.micro_batch_size, args.mixed_precision))
+    trainer = GRPOTrainer(params, args.out, Hardware(
+        micro_batch_size=args.micro_batch_size, mixed_precision=args.mixed_precision,
+        rollout_micro_batch_size=args.rollout_batch_size, low_precision_weights=not args.fp32_frozen_weights,
+        compile=args.compile, gradient_checkpointing=args.gradient_checkpointing))
     summary = trainer.run()
     if trainer.is_main:
         log.info("training done: reward %.4f -> %.4f over %d iterations; weights in %s",
@@ -108,10 +112,33 @@ def cmd_train_detector(args: argparse.Namespace) -> int:
 
 def cmd_precompute(args: argparse.Namespace) -> int:
     from .config import load_params
-    from .precompute import run_precompute
+    from .precompute import PrecomputeError, run_precompute
 
-    summary = run_precompute(load_params(args.params), args.out)
+    try:
+        summary = run_precompute(load_params(args.params), args.out, part=args.part, num_parts=args.num_parts,
+                                 merge_only=args.merge_only)
+    except PrecomputeError as exc:
+        print(f"portraitgen precompute: error: {exc}", file=sys.stderr)
+        return 2
     log.info("precompute: %s", summary)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.run import parse_model_args, run_bench
+    from .bench.suite import BenchError
+    from .config import load_params
+
+    try:
+        models = parse_model_args(args.model) if args.model else None
+        summary = run_bench(load_params(args.params), args.out, models=models, baseline=args.baseline,
+                            part=args.part, num_parts=args.num_parts, merge_only=args.merge_only,
+                            batch_size=args.batch_size, params_path=args.params)
+    except BenchError as exc:
+        print(f"portraitgen bench: error: {exc}", file=sys.stderr)
+        return 2
+    for line in summary.get("verdicts", []):
+        print(line)
     return 0
 
 
@@ -150,6 +177,25 @@ def cmd_tracked(args: argparse.Namespace) -> int:
     return run_tracked(args.params, command, launcher=args.launcher)
 
 
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from .ablation import load_ablation, run_dvc, write_run_params
+
+    ablation = load_ablation(args.variants)
+    if args.action == "list":
+        print("\n".join(ablation.runs))
+        return 0
+    if args.action == "params":
+        if not (args.run and args.out):
+            raise SystemExit("portraitgen ablation params: --run and --out are required")
+        write_run_params(args.params, args.variants, args.run, args.out)
+        return 0
+    return run_dvc(ablation, execute=args.execute)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _add_part_args(parser: argparse.ArgumentParser, *, part: str, num_parts: str, merge: str) -> None:
     """--part/--num-parts/--merge-only: scatter a stage over cluster jobs, then gather."""
     parser.add_argument("--part", type=int, help=part)
@@ -172,7 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                     default=os.environ.get("PORTRAITGEN_MIXED_PRECISION", "no"),
                     help="transformer autocast (hardware). Env: PORTRAITGEN_MIXED_PRECISION")
+    tr.add_argument("--rollout-batch-size", type=int, default=int(os.environ.get("PORTRAITGEN_ROLLOUT_BATCH", 0)),
+                    help="samples per forward pass without gradients (hardware; 0 = the micro-batch size). "
+                         "Env: PORTRAITGEN_ROLLOUT_BATCH")
+    tr.add_argument("--compile", action="store_true", default=_env_flag("PORTRAITGEN_COMPILE"),
+                    help="torch.compile the transformer (hardware). Env: PORTRAITGEN_COMPILE=1")
+    tr.add_argument("--gradient-checkpointing", action="store_true",
+                    default=_env_flag("PORTRAITGEN_GRADIENT_CHECKPOINTING"),
+                    help="recompute activations in backward: less memory, ~1/3 more transformer compute "
+                         "(hardware). Env: PORTRAITGEN_GRADIENT_CHECKPOINTING=1")
+    tr.add_argument("--fp32-frozen-weights", action="store_true",
+                    help="with --mixed-precision, keep the frozen weights in float32 (default: stored in the "
+                         "autocast dtype)")
     tr.set_defaults(func=cmd_train)
+
+    from .launch import add_launch_arguments, cmd_launch_train  # light: no torch
+
+    lt = sub.add_parser("launch-train", help="`portraitgen train` on every GPU of the allocation "
+                                             "(accelerate launch; docs/cluster.md)")
+    add_launch_arguments(lt)
+    lt.set_defaults(func=cmd_launch_train)
 
     cu = sub.add_parser("curate", help="real portraits -> face-centred crops, manifest.parquet, rejections, report")
     cu.add_argument("--params", default="params.yaml")
@@ -195,11 +260,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images per forward pass (hardware). Env: PORTRAITGEN_INVERT_BATCH")
     iv.set_defaults(func=cmd_invert)
 
-    pc = sub.add_parser("precompute", help="prompt-embedding cache and exemplar rewards (computed once)")
+    pc = sub.add_parser("precompute", help="prompt-embedding cache, AI-Portrait detector and exemplar rewards "
+                                           "(computed once)")
     pc.add_argument("--params", default="params.yaml")
     pc.add_argument("--out", default="results/precompute",
-                    help="output folder (prompt_embeddings.safetensors, exemplar_rewards.parquet)")
+                    help="output folder (prompt_embeddings.safetensors, exemplar_rewards.parquet, detector/, cache/)")
+    _add_part_args(pc, part="score the exemplar rewards of only this part (0-based) of --num-parts and write "
+                            "parts/part-I-of-N.parquet; no embeddings, detector or merge",
+                   num_parts="split the exemplars into this many parts",
+                   merge="gather the --num-parts part files, then embed prompts, train the detector and "
+                              "write the outputs")
     pc.set_defaults(func=cmd_precompute)
+
+    be = sub.add_parser("bench", help="PortraitBench: models side by side on the portrait prompt suite")
+    be.add_argument("--params", default="params.yaml")
+    be.add_argument("--out", default="results/bench",
+                    help="output folder (images/, scores.parquet, comparisons.parquet, metrics.json, report.html)")
+    be.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
+                    help="a model to bench (repeatable; replaces bench.models): base=base, grpo=results/train, ...")
+    be.add_argument("--baseline", help="the label the others are compared with (default: bench.baseline)")
+    _add_part_args(be, part="sample and score only this prompt shard (0-based) of --num-parts and write "
+                            "parts/part-I-of-N.parquet; no merge", num_parts="split the prompts into this many parts",
+                   merge="only read the --num-parts part files, then compute metrics and comparisons and write outputs")
+    be.add_argument("--batch-size", type=int, default=int(os.environ.get("PORTRAITGEN_BENCH_BATCH", 8)),
+                    help="images per forward pass, rounded down to whole prompts (hardware; the part jobs of one "
+                         "bench must use the same value). Env: PORTRAITGEN_BENCH_BATCH")
+    be.set_defaults(func=cmd_bench)
 
     ge = sub.add_parser("generate", help="make images from a base model, an exported model or a training run")
     ge.add_argument("--model", required=True,
@@ -253,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--launcher", help="name of the launcher (default: the command's name)")
     tk.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     tk.set_defaults(func=cmd_tracked)
+
+    ab = sub.add_parser("ablation", help="variants of params.yaml trained and benchmarked side by side",
+                        description="list: the runs (variant x seed); params: write one run's params file; "
+                                    "dvc: print (--run: queue and run) one DVC experiment per run")
+    ab.add_argument("action", choices=["list", "params", "dvc"])
+    ab.add_argument("--variants", default="ablation.yaml", help="the ablation file (default: ablation.yaml)")
+    ab.add_argument("--params", default="params.yaml", help="the base params file")
+    ab.add_argument("--run", help="params: the run's name, <variant>-s<seed>")
+    ab.add_argument("--out", help="params: where to write the run's params file")
+    ab.add_argument("--execute", action="store_true", help="dvc: queue the experiments and run the queue")
+    ab.set_defaults(func=cmd_ablation)
     return parser
 
 
@@ -260,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from .ablation import AblationError
     from .checkpointing import CheckpointError
     from .config import ConfigError
     from .curate import CurateError
@@ -276,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ModelSpecError, ModelPathError, PromptSourceError, RewardError,
+    except (AblationError, ConfigError, CheckpointError, ModelSpecError, ModelPathError, PromptSourceError, RewardError,
             TrainingSetupError, InvertError, ShardError, CurateError, EmbeddingCacheError, ExemplarError,
             ImageReadError) as exc:
         print(f"portraitgen {args.command}: error: {exc}", file=sys.stderr)

@@ -200,6 +200,42 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class BenchRewardConfig:
+    """The rewards PortraitBench reports; the same shape as ``reward`` (every component and sub-score is a metric)."""
+
+    # name -> weight, as in reward.components. Weights are not used: each component is reported on its own.
+    components: dict[str, float] = field(default_factory=lambda: {"omni_classic": 1.0, "ai_portrait_classic": 1.0})
+    # name -> keyword options of that reward's factory, as in reward.options (e.g. a VLM's model_path).
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """PortraitBench (portraitgen/bench): models compared side by side on a versioned suite of portrait prompts."""
+
+    # "builtin:v1" (300 portrait prompts tagged by category, shipped in the package) or a .jsonl file with
+    # id, prompt, categories and optional subsets per line.
+    suite: str = "builtin:v1"
+    subset: str = "cpu"  # "full" (every prompt), "cpu" (28 prompts covering every category), or a subset of the file
+    seeds: tuple[int, ...] = (0, 1)  # start-noise seeds: images per prompt and model; diversity needs at least 2
+    # label -> model: "base" (model.path with model.family), a training output folder, an exported final/
+    # folder, or a diffusers folder. Labels name image folders and table rows.
+    models: dict[str, str] = field(default_factory=lambda: {"base": "base"})
+    baseline: str = "base"  # the label every other model is compared with
+    num_steps: int = 20  # deterministic (ODE) sampling steps per image
+    guidance_scale: float = 4.5  # classifier-free guidance, standard convention (1.0 = none)
+    reward: BenchRewardConfig = field(default_factory=BenchRewardConfig)
+    # Real portraits that artifact thresholds and the feature distance are measured against: a curate manifest
+    # (its bench_reference split, or every row with a warning when it has none), a folder of images, or
+    # builtin:portraits (two photos shipped in wheels, widened by crops; for tests only).
+    reference: str = "results/curate/manifest.parquet"
+    artifact_quantile: float = 0.95  # flag an image beyond this quantile of the real set (below 1 - q where low is bad)
+    bootstrap: int = 2000  # resamples (of whole prompts) for every confidence interval
+    confidence: float = 0.95  # level of the bootstrap intervals; a verdict needs the interval to exclude 0
+    bootstrap_seed: int = 0  # seeds the resampling: intervals are identical from run to run
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"  # MLflow tracking URI; a server URI for cluster runs
     experiment: str = "portraitgen"
@@ -217,6 +253,7 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     invert: InvertConfig = field(default_factory=InvertConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     @property
     def prompts_per_iteration(self) -> int:
@@ -383,6 +420,38 @@ def _check_ranges(p: Params) -> None:
     for name, norm in p.reward.normalize.items():
         need(norm.std > 0, f"reward.normalize.{name}.std", norm.std, "expected > 0")
     need(p.model.path.strip() != "", "model.path", p.model.path, "expected a local folder or 'builtin:tiny'")
+    _check_bench(p.bench, need)
+
+
+BENCH_LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+BENCH_RESERVED_LABELS = ("comparisons", "suite")  # top-level keys of the bench's metrics.json
+
+
+def _check_bench(b: BenchConfig, need) -> None:
+    need(b.suite.strip() != "", "bench.suite", b.suite, "expected 'builtin:v1' or a .jsonl file")
+    need(b.subset.strip() != "", "bench.subset", b.subset, "expected 'full', 'cpu' or a subset of the suite file")
+    need(len(b.seeds) > 0, "bench.seeds", list(b.seeds), "expected at least one seed")
+    need(len(set(b.seeds)) == len(b.seeds) and min(b.seeds, default=0) >= 0, "bench.seeds", list(b.seeds),
+         "expected distinct seeds >= 0")
+    need(len(b.models) > 0, "bench.models", b.models, "expected at least one model (label: path)")
+    for label, path in b.models.items():
+        need(label != "" and set(label) <= BENCH_LABEL_CHARS and label not in BENCH_RESERVED_LABELS and
+             label[0] not in ".-", f"bench.models.{label}", label,
+             f"expected a label of letters, digits, '_', '.', '-' (not {' or '.join(BENCH_RESERVED_LABELS)})")
+        need(path.strip() != "", f"bench.models.{label}", path, "expected 'base' or a model folder")
+    need(b.baseline in b.models, "bench.baseline", b.baseline,
+         f"expected one of the labels in bench.models ({', '.join(b.models)})")
+    need(b.num_steps >= 1, "bench.num_steps", b.num_steps, "expected at least 1")
+    need(b.guidance_scale >= 1.0, "bench.guidance_scale", b.guidance_scale, "expected >= 1.0 (1.0 = no guidance)")
+    need(len(b.reward.components) > 0, "bench.reward.components", b.reward.components, "expected at least one reward")
+    for name in b.reward.options:
+        need(name in b.reward.components, f"bench.reward.options.{name}", name,
+             "expected a name in bench.reward.components")
+    need(b.reference.strip() != "", "bench.reference", b.reference,
+         "expected a curate manifest, a folder of real portraits or builtin:portraits")
+    need(0.5 < b.artifact_quantile < 1.0, "bench.artifact_quantile", b.artifact_quantile, "expected in (0.5, 1)")
+    need(b.bootstrap >= 100, "bench.bootstrap", b.bootstrap, "expected at least 100 resamples")
+    need(0.0 < b.confidence < 1.0, "bench.confidence", b.confidence, "expected in (0, 1)")
 
 
 def params_from_dict(data: dict | None) -> Params:

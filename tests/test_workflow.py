@@ -174,7 +174,11 @@ def test_dry_run_lists_train_with_the_dvc_command(project):
 def test_snakefile_and_dvc_yaml_agree(project):
     rules = snakemake_rules(project)
     stages = dvc_stages(project)
-    assert set(rules) - {"all"} == set(stages) and {"curate", "train"} <= set(stages)
+    # Ablations are DVC experiments on the same stages (`portraitgen ablation dvc`), not stages.
+    ablation = {name for name in rules if name.startswith("ablation")}
+    assert ablation == {"ablation", "ablation_params", "ablation_invert", "ablation_precompute", "ablation_train",
+                        "ablation_bench"}
+    assert set(rules) - {"all"} - ablation == set(stages) and {"curate", "train", "bench"} <= set(stages)
 
     for name, stage in stages.items():
         rule = rules[name]
@@ -335,6 +339,8 @@ STUB = """#!{python}
 import json, os, sys
 from pathlib import Path
 args = sys.argv[1:]
+if args[0] == "mlflow-parent":  # the Snakefile's onstart/onsuccess hooks: no parent run (tracking off)
+    sys.exit(0)
 out = Path(args[args.index("--out") + 1])
 if args[0] == "curate":  # the curate stage's outputs and its (undeclared / persistent) cache
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -347,11 +353,14 @@ if args[0] == "curate":  # the curate stage's outputs and its (undeclared / pers
     with open(os.environ["PORTRAITGEN_STUB_LOG"], "a") as f:
         f.write(json.dumps({{"args": args, "cache": sorted(p.name for p in (out / "cache").iterdir())}}) + "\\n")
     sys.exit(0)
-if args[0] in ("invert", "precompute"):  # their declared outputs
+if args[0] in ("invert", "precompute", "bench"):  # their declared outputs
     names = {{"invert": ["index.parquet", "report.html", "residuals.png", "metrics.json"],
-             "precompute": ["prompt_embeddings.safetensors", "exemplar_rewards.parquet", "metrics.json"]}}
-    out.mkdir(parents=True, exist_ok=True)
+             "precompute": ["prompt_embeddings.safetensors", "exemplar_rewards.parquet", "metrics.json"],
+             "bench": ["scores.parquet", "per_category.parquet", "set_metrics.parquet", "comparisons.parquet",
+                       "metrics_info.json", "report.html", "report_assets/grid.png", "plots/comparisons.csv",
+                       "images/base/p000_s0.png", "metrics.json"]}}
     for name in names[args[0]]:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(name)
     if args[0] == "invert":  # the persistent shard cache
         (out / "shards").mkdir(exist_ok=True)
@@ -505,3 +514,60 @@ def test_dvc_repro_keeps_the_curate_cache(project, stub_env):
     assert calls("curate")[-1]["cache"] == ["entry-0", "entry-1"]
     assert (project / "results" / "curate" / "images" / "0123456789abcdef.png").exists()
 
+
+
+def _jobs(dry_run_stdout: str) -> set[str]:
+    return set(re.findall(r"^(?:local)?rule (\w+):$", dry_run_stdout, re.M))
+
+
+def test_second_run_does_nothing_and_a_training_param_reruns_train_and_bench_only(project, stub_env):
+    env, calls = stub_env
+    smk(project, env=env())
+    assert (project / "results" / "bench" / "report.html").exists()
+    again = smk(project, env=env())
+    assert "Nothing to be done" in again.stdout + again.stderr
+    _edit_params(project, "train", "lr", 0.5)
+    assert _jobs(smk(project, "-n", env=env()).stdout) == {"train", "bench", "all"}
+    _edit_params(project, "bench", "seeds", [0, 1, 2])
+    smk(project, env=env())
+    assert calls("bench")[-1]["args"] == [
+        "bench", "--params", "params.yaml", "--out", "results/bench", "--batch-size", "8"]
+    assert "Nothing to be done" in smk(project, "-n", env=env()).stdout
+    # The bench's own settings rerun only the bench.
+    _edit_params(project, "bench", "num_steps", 5)
+    assert _jobs(smk(project, "-n", env=env()).stdout) == {"bench", "all"}
+
+
+def test_dvc_repro_twice_is_a_no_op_and_experiments_set_params(project, stub_env):
+    env, calls = stub_env
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    dvc(project, "init", "-q")
+    dvc(project, "repro", env=env())
+    assert {c["args"][0] for c in calls("bench")} == {"bench"}
+    n_calls = len(calls("train")) + len(calls("bench"))
+    assert "Stage 'bench' didn't change, skipping" in dvc(project, "repro", env=env()).stdout
+    assert len(calls("train")) + len(calls("bench")) == n_calls
+    # `dvc exp run -S` edits params.yaml in a workspace experiment and reruns the stages that read it.
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=project, check=True)
+    dvc(project, "exp", "run", "-S", "train.lr=0.01", "--name", "lr001", env=env())
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["lr"] == 0.01
+    assert len(calls("train")) == 2 and len(calls("curate")) == 1
+    shown = dvc(project, "exp", "show", "--csv", env=env()).stdout
+    assert "lr001" in shown and "0.01" in shown
+
+
+def test_ablation_runs_every_variant_and_seed_through_the_stages(project):
+    shutil.copy2(REPO / "ablation.yaml", project / "ablation.yaml")
+    (project / "two_seeds.yaml").write_text(
+        "baseline: plain\nseeds: [1, 2]\nvariants:\n  plain: {train.exemplars.per_group: 0}\n  exemplar: {}\n")
+    dry = smk(project, "-n", "ablation", "--config", "ablation=two_seeds.yaml").stdout
+    runs = ["plain-s1", "plain-s2", "exemplar-s1", "exemplar-s2"]
+    for run in runs:
+        assert f"results/ablation/{run}/train/final" in dry
+        assert f"--model {run}=results/ablation/{run}/train" in dry
+    assert "--baseline plain-s1" in dry
+    counts = dict(re.findall(r"^(ablation\w*|curate)\s+(\d+)$", dry, re.M))
+    assert counts == {"ablation_params": "4", "ablation_invert": "4", "ablation_precompute": "4",
+                      "ablation_train": "4", "ablation_bench": "1", "ablation": "1", "curate": "1"}

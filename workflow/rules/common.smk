@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -155,5 +156,64 @@ def train_input(kind):
         else "",
         "prompt_embeddings": t.get("prompt_embeddings", ""),
         "exemplar_rewards": ex.get("rewards", ""),
+        "detector": "results/precompute/metrics.json" if uses_precomputed_detector(config["reward"]) else "",
     }[kind]
     return [path] if path else []
+
+
+def uses_precomputed_detector(reward_section):
+    """Whether a reward section scores with the AI-Portrait detector that the precompute stage trains
+    (its `path` inside results/precompute): then the stage reading it must wait for precompute."""
+    if "ai_portrait_detector" not in (reward_section.get("components") or {}):
+        return False
+    options = (reward_section.get("options") or {}).get("ai_portrait_detector") or {}
+    return str(options.get("path", "")).startswith("results/precompute")
+
+
+# --- bench (rules/bench.smk) ------------------------------------------------------------------------
+# `snakemake --config bench_parts=N` scatters the bench over N part jobs (default: one job).
+BENCH_PARTS = int(config.get("bench_parts", 1))
+
+
+def bench_inputs():
+    """Files the bench reads besides the package: trained models of this pipeline and the reference."""
+    files = []
+    for path in config["bench"].get("models", {}).values():
+        path = str(path).rstrip("/")
+        if path == "results/train" or path.startswith("results/train/"):
+            files.append("results/train/final")
+    reference = str(config["bench"].get("reference", ""))
+    if reference.startswith("results/"):
+        files.append(reference)
+    if uses_precomputed_detector(config["bench"].get("reward") or {}):
+        files.append("results/precompute/metrics.json")
+    return sorted(set(files))
+
+
+def bench_part_files():
+    if BENCH_PARTS <= 1:
+        return []
+    return [f"results/bench/parts/part-{i:04d}-of-{BENCH_PARTS:04d}.parquet" for i in range(BENCH_PARTS)]
+
+
+BENCH_MERGE_FLAGS = f" --merge-only --num-parts {BENCH_PARTS}" if BENCH_PARTS > 1 else ""
+
+
+# --- ablation (rules/ablation.smk) ------------------------------------------------------------------
+ABLATION_FILE = str(config.get("ablation", "ablation.yaml"))
+
+
+def _ablation():
+    """(run names, baseline run) of the ablation file; none when the file does not exist."""
+    path = Path(ABLATION_FILE)
+    if not path.is_file():
+        return [], ""
+    data = yaml.safe_load(path.read_text()) or {}
+    variants = list(data.get("variants") or {})
+    seeds = data.get("seeds") or [42]
+    runs = [f"{v}-s{s}" for v in variants for s in seeds]
+    baseline = f"{data.get('baseline', variants[0] if variants else '')}-s{seeds[0]}"
+    return runs, baseline
+
+
+ABLATION_RUNS, ABLATION_BASELINE = _ablation()

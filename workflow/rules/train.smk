@@ -31,6 +31,7 @@ rule train:
         exemplar_index=train_input("exemplar_index"),
         prompt_embeddings=train_input("prompt_embeddings"),
         exemplar_rewards=train_input("exemplar_rewards"),
+        detector=train_input("detector"),  # the precompute stage's detector, when a reward uses it
     output:
         model=directory("results/train/final"),
         metrics="results/train/metrics.json",
