@@ -116,7 +116,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
     try:
         summary = run_precompute(load_params(args.params), args.out, part=args.part, num_parts=args.num_parts,
-                                 merge_only=args.merge_only)
+                                 merge_only=args.merge_only, bench_only=args.bench_only)
     except PrecomputeError as exc:
         print(f"portraitgen precompute: error: {exc}", file=sys.stderr)
         return 2
@@ -264,12 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(computed once)")
     pc.add_argument("--params", default="params.yaml")
     pc.add_argument("--out", default="results/precompute",
-                    help="output folder (prompt_embeddings.safetensors, exemplar_rewards.parquet, detector/, cache/)")
+                    help="output folder (prompt_embeddings.safetensors, exemplar_rewards.parquet, detector/, cache/; "
+                         "with --bench-only bench_prompt_embeddings.safetensors)")
     _add_part_args(pc, part="score the exemplar rewards of only this part (0-based) of --num-parts and write "
                             "parts/part-I-of-N.parquet; no embeddings, detector or merge",
                    num_parts="split the exemplars into this many parts",
                    merge="gather the --num-parts part files, then embed prompts, train the detector and "
                               "write the outputs")
+    pc.add_argument("--bench-only", action="store_true",
+                    help="only embed PortraitBench's prompts (bench.suite, bench.subset) and the empty prompt into "
+                         "bench_prompt_embeddings.safetensors (read with bench.prompt_embeddings); nothing else is "
+                         "written. Without it, that file is not written")
     pc.set_defaults(func=cmd_precompute)
 
     be = sub.add_parser("bench", help="PortraitBench: models side by side on the portrait prompt suite")

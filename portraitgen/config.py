@@ -224,6 +224,12 @@ class BenchConfig:
     baseline: str = "base"  # the label every other model is compared with
     num_steps: int = 20  # deterministic (ODE) sampling steps per image
     guidance_scale: float = 4.5  # classifier-free guidance, standard convention (1.0 = none)
+    # The suite's prompt embeddings (and the empty prompt's, for CFG) made by `portraitgen precompute --bench-only`
+    # (results/precompute/bench_prompt_embeddings.safetensors): every model built on model.path (base, its LoRAs
+    # and full fine-tunes: training never changes the text encoders) takes its conditioning from this file and is
+    # loaded without text encoders; a model on another base uses its own text encoders, with a warning. A cache
+    # made by another model, or lacking a suite prompt, is an error. "" = run the text encoders in the bench.
+    prompt_embeddings: str = ""
     reward: BenchRewardConfig = field(default_factory=BenchRewardConfig)
     # Real portraits that artifact thresholds and the feature distance are measured against: a curate manifest
     # (its bench_reference split, or every row with a warning when it has none), a folder of images, or

@@ -2,12 +2,13 @@
 
 Two layers:
 
-- **The cache file** training reads (``train.prompt_embeddings``, e.g.
-  ``results/precompute/prompt_embeddings.safetensors``): for every conditioning tensor name, the rows of
-  all prompts stacked in the order of the ``prompts`` metadata, plus the empty prompt (used for CFG),
-  the fingerprint of the model that made them and the encoder settings. Training looks prompts up by
-  text and refuses a cache made by another model or other encoder settings, or missing a prompt,
-  naming it.
+- **The cache files** training and PortraitBench read (``train.prompt_embeddings``, e.g.
+  ``results/precompute/prompt_embeddings.safetensors``, and ``bench.prompt_embeddings``, e.g.
+  ``results/precompute/bench_prompt_embeddings.safetensors``): for every conditioning tensor name, the
+  rows of all prompts stacked in the order of the ``prompts`` metadata, plus the empty prompt (used for
+  CFG), the fingerprint of the model that made them and the encoder settings. A reader looks prompts up
+  by text and refuses a cache made by another model or other encoder settings, or missing a prompt,
+  naming it and the file.
 - **The per-prompt store** (:class:`EmbeddingStore`, ``results/precompute/cache/embeddings/``): every
   encoded prompt is an entry keyed by ``sha256(prompt, model fingerprint, encoder settings)``, kept in
   chunk files (one per run that had something to encode, written atomically). :func:`write_cache`
@@ -187,10 +188,13 @@ class CacheUpdate:
 
 
 def write_cache(prompts: Sequence[str], path: str | Path, *, family: str, model_fingerprint: str,
-                store_dir: str | Path, load_policy: Callable[[], FlowPolicy], prune: bool = True) -> CacheUpdate:
+                store_dir: str | Path, load_policy: Callable[[], FlowPolicy], prune: bool = True,
+                keep: Sequence[str] = ()) -> CacheUpdate:
     """Write the cache file for ``prompts``, encoding only what the store lacks.
 
-    ``load_policy`` is called only when something must be encoded (then once).
+    ``load_policy`` is called only when something must be encoded (then once). ``prune`` deletes the
+    store's chunks that hold none of ``prompts`` and ``keep`` (the prompts of another cache file made
+    from the same store, which must survive this one's pruning).
     """
     unique = unique_prompts(prompts)
     settings = encoder_settings(family)
@@ -210,7 +214,7 @@ def write_cache(prompts: Sequence[str], path: str | Path, *, family: str, model_
              len(unique) - len(missing))
     _save_cache(Path(path), unique, store.get(keys), model_fingerprint, family, keys)
     if prune:
-        store.prune(set(keys))
+        store.prune(set(keys) | {prompt_key(p, model_fingerprint, settings) for p in keep})
     return CacheUpdate(Path(path), len(unique), len(missing), len(unique) - len(missing), seconds)
 
 
@@ -223,34 +227,46 @@ class EmbeddingCache:
         self.path = Path("<live text encoders>")
         self.prompts, self.tensors = encode_table(policy, prompts)
         self.fingerprint = None
+        self.key, self.remedy = "", ""
         self.row = {p: i for i, p in enumerate(self.prompts)}
         return self
 
-    def __init__(self, path: str | Path, model_fingerprint: str | None = None):
+    def __init__(self, path: str | Path, model_fingerprint: str | None = None, *, key: str = "train.prompt_embeddings",
+                 remedy: str = "run `portraitgen precompute`"):
+        """Read the cache file ``path``; with ``model_fingerprint``, refuse one made by another model or with
+        other encoder settings. ``key`` (the params key naming the file) and ``remedy`` (how to make it) go
+        into the error messages."""
         self.path = Path(path)
+        self.key, self.remedy = key, remedy
         if not self.path.is_file():
-            raise EmbeddingCacheError(f"train.prompt_embeddings: {self.path} not found (run `portraitgen precompute`)")
+            raise EmbeddingCacheError(f"{key}: {self.path} not found ({remedy})")
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}
             self.tensors = {k: f.get_tensor(k) for k in f.keys()}
         self.prompts: list[str] = json.loads(meta.get("prompts", "[]"))
         self.fingerprint = meta.get("model_fingerprint")
         if model_fingerprint is not None and self.fingerprint != model_fingerprint:
-            raise EmbeddingCacheError(f"{self.path} was made by another model (fingerprint {self.fingerprint}, "
-                                      f"now {model_fingerprint}); re-run `portraitgen precompute`")
+            raise EmbeddingCacheError(f"{key}: {self.path} was made by another model (fingerprint {self.fingerprint}, "
+                                      f"now {model_fingerprint}); re-{remedy}")
         if model_fingerprint is not None and "encoder_settings" in meta and meta.get("family"):
             made, now = json.loads(meta["encoder_settings"]), encoder_settings(meta["family"])
             if made != now:
-                raise EmbeddingCacheError(f"{self.path} was made with other encoder settings ({made}, now {now}); "
-                                          f"re-run `portraitgen precompute`")
+                raise EmbeddingCacheError(f"{key}: {self.path} was made with other encoder settings ({made}, now "
+                                          f"{now}); re-{remedy}")
         self.row = {p: i for i, p in enumerate(self.prompts)}
+
+    def missing(self, prompts: Sequence[str]) -> list[str]:
+        """The prompts of ``prompts`` (deduplicated, in order) that the cache has no row for."""
+        return [p for p in dict.fromkeys(prompts) if p not in self.row]
 
     def lookup(self, prompts: Sequence[str], device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> Conditioning:
-        missing = [p for p in prompts if p not in self.row]
+        missing = self.missing(prompts)
         if missing:
-            raise EmbeddingCacheError(f"{self.path} has no embedding for {len(missing)} prompt(s), e.g. "
-                                      f"{missing[0]!r}; re-run `portraitgen precompute`")
+            where = f"{self.key}: " if self.key else ""
+            again = f"re-{self.remedy}" if self.remedy else "re-run `portraitgen precompute`"
+            raise EmbeddingCacheError(f"{where}{self.path} has no embedding for {len(missing)} prompt(s), e.g. "
+                                      f"{missing[0]!r}; {again}")
         idx = torch.tensor([self.row[p] for p in prompts], dtype=torch.long)
         out = {}
         for k, v in self.tensors.items():

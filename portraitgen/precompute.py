@@ -3,14 +3,22 @@
     portraitgen precompute --params params.yaml --out results/precompute                           # one process
     portraitgen precompute --params params.yaml --out results/precompute --part 2 --num-parts 8       # one cluster job
     portraitgen precompute --params params.yaml --out results/precompute --merge-only --num-parts 8   # gather
+    portraitgen precompute --params params.yaml --out results/precompute --bench-only   # PortraitBench's prompts
 
 Outputs (under ``--out``):
 
 - ``prompt_embeddings.safetensors``: the text encoders' outputs for every training prompt (the captions
-  of the curated exemplars when ``prompts.source: exemplars``), every PortraitBench prompt when params
-  have a ``bench`` section, and the empty prompt; training reads it with ``train.prompt_embeddings`` and
-  then never loads the text encoders. Entries come from the per-prompt store ``cache/embeddings/``
-  (:mod:`.embeddings`): only prompts it lacks are encoded.
+  of the curated exemplars when ``prompts.source: exemplars``) and the empty prompt, nothing else;
+  training reads it with ``train.prompt_embeddings`` and then never loads the text encoders. Entries
+  come from the per-prompt store ``cache/embeddings/`` (:mod:`.embeddings`): only prompts it lacks are
+  encoded.
+- ``bench_prompt_embeddings.safetensors``, written by ``--bench-only`` and only by it: the same for
+  PortraitBench's prompts (``bench.suite`` in ``bench.subset``) and the empty prompt, in the same format
+  and from the same store; the bench reads it with ``bench.prompt_embeddings``. A run of its own (the
+  workflow's ``bench_embeddings`` job) so that the bench's prompts never touch a file training reads:
+  editing ``bench.suite`` or ``bench.subset`` then reruns that job and the bench, never training. It
+  writes nothing else (no detector, rewards, ``metrics.json`` or MLflow run) and deletes nothing from
+  the store; the other runs' pruning keeps the entries of both prompt lists.
 - ``detector/``: the AI-Portrait real-vs-generated classifier, when a reward component (``reward`` or
   ``bench.reward``) is ``ai_portrait_detector``, or ``ai_portrait`` with ``backend: detector``, and its
   ``path`` option points here. Trained on the curated real images (manifest split ``train``) against as
@@ -76,6 +84,9 @@ from .tracking import Tracker
 log = logging.getLogger(__name__)
 
 SCORE_BLOCK = 16  # exemplars per scoring batch, and the unit parts are made of
+TRAINING_EMBEDDINGS = "prompt_embeddings.safetensors"  # train.prompt_embeddings
+BENCH_EMBEDDINGS = "bench_prompt_embeddings.safetensors"  # bench.prompt_embeddings (--bench-only)
+EMBEDDING_STORE = Path("cache") / "embeddings"  # shared by both files
 DETECTOR_DIR = "detector"
 DETECTOR_FORMAT = 1  # bump when how the detector is made changes: existing ones are retrained
 GENERATION_KEYS = ("num_generated", "num_steps", "guidance_scale")
@@ -93,15 +104,16 @@ def training_prompts(params: Params) -> list[str]:
 
 
 def bench_prompts(params: Params) -> list[str]:
-    """PortraitBench's prompts (``bench.suite`` in ``bench.subset``) when params have a ``bench`` section."""
+    """PortraitBench's prompts (``bench.suite`` in ``bench.subset``) when params have a ``bench`` section:
+    what ``--bench-only`` embeds, and what the training run's pruning of the shared store keeps."""
     bench = getattr(params, "bench", None)
     if bench is None:
         return []
     try:
         from .bench.suite import BenchError, load_suite
-    except ImportError:  # the bench package is optional here: without it, only training prompts are cached
+    except ImportError:  # the bench package is optional here
         log.warning("params have a bench section, but portraitgen.bench.suite cannot be imported: "
-                    "bench prompts are not in the embedding cache")
+                    "no bench prompt is embedded")
         return []
     try:
         return [row.prompt for row in load_suite(bench.suite, bench.subset)]
@@ -546,10 +558,50 @@ class _BaseModel:
             torch.cuda.empty_cache()
 
 
-def run_precompute(params: Params, out_dir: str | Path, *, part: int | None = None, num_parts: int = 1,
-                   merge_only: bool = False) -> dict[str, Any]:
-    """The stage: one process, one part job (``part`` of ``num_parts``), or the merge (``merge_only``)."""
+def _bench_prompts_kept(params: Params) -> list[str] | None:
+    """The bench prompts whose stored embeddings the training run's pruning must keep (the bench-only run
+    shares the store); None when the suite cannot be read (then nothing is pruned)."""
+    try:
+        return bench_prompts(params)
+    except PrecomputeError as exc:
+        log.warning("embedding store: not pruned, as PortraitBench's prompts cannot be read (%s)", exc)
+        return None
+
+
+def run_bench_embeddings(params: Params, out_dir: str | Path) -> dict[str, Any]:
+    """``--bench-only``: ``bench_prompt_embeddings.safetensors`` for PortraitBench's prompts and the empty
+    prompt, from the shared per-prompt store (the base model is loaded only if a prompt is new to it).
+    Writes nothing else and prunes nothing."""
     out = Path(out_dir)
+    prompts = bench_prompts(params)  # a bad suite or subset fails here, before any model loads
+    if not prompts:
+        raise PrecomputeError("--bench-only: no PortraitBench prompt to embed (portraitgen.bench.suite cannot be "
+                              "imported)")
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = model_fingerprint(params.model.family, params.model.path)
+    base = _BaseModel(params)
+    t0 = time.perf_counter()
+    emb = write_cache(prompts, out / BENCH_EMBEDDINGS, family=params.model.family, model_fingerprint=fingerprint,
+                      store_dir=out / EMBEDDING_STORE, load_policy=base, prune=False)
+    base.release()
+    summary = {"bench_prompts": len(prompts), "cache_prompts": len(dict.fromkeys(prompts)), "prompts_encoded": emb.encoded,
+               "prompts_reused": emb.reused, "embedding_seconds": time.perf_counter() - t0,
+               "base_model_loads": base.loads, "path": str(emb.path)}
+    log.info("precompute --bench-only: %d PortraitBench prompts (%s, subset %s): %d encoded, %d from the store -> %s",
+             len(prompts), params.bench.suite, params.bench.subset, emb.encoded, emb.reused, emb.path)
+    return summary
+
+
+def run_precompute(params: Params, out_dir: str | Path, *, part: int | None = None, num_parts: int = 1,
+                   merge_only: bool = False, bench_only: bool = False) -> dict[str, Any]:
+    """The stage: one process, one part job (``part`` of ``num_parts``), the merge (``merge_only``), or the
+    bench prompts' embeddings alone (``bench_only``, :func:`run_bench_embeddings`)."""
+    out = Path(out_dir)
+    if bench_only:
+        if part is not None or merge_only or num_parts != 1:
+            raise PrecomputeError("--bench-only embeds PortraitBench's prompts in one process: leave out --part, "
+                                  "--num-parts and --merge-only")
+        return run_bench_embeddings(params, out)
     if num_parts < 1:
         raise PrecomputeError(f"--num-parts must be at least 1, got {num_parts}")
     if part is not None and not 0 <= part < num_parts:
@@ -561,8 +613,7 @@ def run_precompute(params: Params, out_dir: str | Path, *, part: int | None = No
     if part is not None and num_parts > 1:
         return score_part(params, out, part, num_parts, plan)
 
-    training, bench = training_prompts(params), bench_prompts(params)  # a bad prompt source fails here, early
-    prompts = list(dict.fromkeys([*training, *bench]))
+    training = training_prompts(params)  # a bad prompt source fails here, early
     df = read_manifest(params.invert.manifest) if Path(params.invert.manifest).is_file() else None
     if df is None and (plan is not None or merge_only):
         why = f"{plan.used_by[0]}: training the detector" if plan is not None else "--merge-only"
@@ -570,13 +621,13 @@ def run_precompute(params: Params, out_dir: str | Path, *, part: int | None = No
                               f"(run `portraitgen curate` first)")
     fingerprint = model_fingerprint(params.model.family, params.model.path)
     base = _BaseModel(params)
-    summary: dict[str, Any] = {"prompts": len(training), "bench_prompts": len(bench),
-                              "cache_prompts": len(prompts)}
+    keep = _bench_prompts_kept(params)
+    summary: dict[str, Any] = {"prompts": len(training)}
 
     t0 = time.perf_counter()
-    emb = write_cache(prompts, out / "prompt_embeddings.safetensors", family=params.model.family,
-                      model_fingerprint=fingerprint, store_dir=out / "cache" / "embeddings", load_policy=base)
-    summary.update(prompts_encoded=emb.encoded, prompts_reused=emb.reused,
+    emb = write_cache(training, out / TRAINING_EMBEDDINGS, family=params.model.family, model_fingerprint=fingerprint,
+                      store_dir=out / EMBEDDING_STORE, load_policy=base, prune=keep is not None, keep=keep or ())
+    summary.update(cache_prompts=len(dict.fromkeys(training)), prompts_encoded=emb.encoded, prompts_reused=emb.reused,
                    embedding_seconds=time.perf_counter() - t0,
                    encode_prompts_per_second=(emb.encoded / emb.seconds_encoding
                                               if emb.encoded and emb.seconds_encoding > 0 else None))
@@ -597,7 +648,7 @@ def run_precompute(params: Params, out_dir: str | Path, *, part: int | None = No
 
     tracker = Tracker(params.tracking, stage="precompute", active=True,
                       params={"reward.components": json.dumps(params.reward.components),
-                              "precompute.num_parts": num_parts, "precompute.prompts": len(prompts)},
+                              "precompute.num_parts": num_parts, "precompute.prompts": len(training)},
                       tags={"portraitgen.model_family": params.model.family})
     try:
         tracker.log_metrics({k: v for k, v in summary.items()

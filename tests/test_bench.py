@@ -21,7 +21,14 @@ from portraitgen.bench.suite import BenchError, build_suite_v1, load_suite
 from portraitgen.cli import main
 from portraitgen.config import params_from_dict
 
-from helpers import fast_params
+import helpers
+
+
+def fast_params(**overrides) -> dict:
+    """helpers.fast_params with the bench running the text encoders itself (the repository's params read the
+    precompute stage's bench_prompt_embeddings.safetensors); the prompt-embedding tests below set the key."""
+    return helpers.fast_params(**{"bench.prompt_embeddings": "", **overrides})
+
 
 CONTRACT_ID_COLUMNS = ["model", "prompt_id", "prompt", "categories", "seed", "image"]
 SINGLE_AXES = ("people", "shot", "light", "setting", "stress")  # exactly one tag per prompt
@@ -386,3 +393,106 @@ def test_bad_input_exits_2_naming_the_key_before_any_work(tmp_path, capsys, over
     err = capsys.readouterr().err
     assert message in err, err
     assert not (out / "images").exists()
+
+
+# ---------------------------------------------------------------------------------------------- prompt embeddings
+def _bench_prompt_embeddings(data: dict, out: Path) -> Path:
+    """``portraitgen precompute --bench-only`` for these params: the suite's prompt embeddings."""
+    from portraitgen.precompute import run_precompute
+
+    summary = run_precompute(params_from_dict(data), out, bench_only=True)
+    assert summary["path"] == str(out / "bench_prompt_embeddings.safetensors")
+    return out / "bench_prompt_embeddings.safetensors"
+
+
+@pytest.fixture
+def text_encoder_spy(monkeypatch):
+    """Every pipeline load's ``text_encoders`` argument; encoding a prompt with a text encoder fails."""
+    from portraitgen.policies.base import FlowPolicy
+
+    loads: list[bool] = []
+    original = FlowPolicy.from_pretrained.__func__
+
+    def from_pretrained(cls, path, *args, text_encoders: bool = True, **kwargs):
+        loads.append(text_encoders)
+        return original(cls, path, *args, text_encoders=text_encoders, **kwargs)
+
+    def no_encoding(self, prompts):
+        raise AssertionError(f"a text encoder ran on {prompts!r}")
+
+    monkeypatch.setattr(FlowPolicy, "from_pretrained", classmethod(from_pretrained))
+    return loads, lambda: monkeypatch.setattr(FlowPolicy, "encode_prompts", no_encoding)
+
+
+def test_cached_prompt_embeddings_give_the_live_images_without_text_encoders(bench, tmp_path, text_encoder_spy):
+    """The bench from bench.prompt_embeddings (base, a LoRA and a full fine-tune of model.path) draws the images
+    and scores of the live-encoder bench (the module fixture) bit for bit, and never loads a text encoder."""
+    root, live, _ = bench
+    data = yaml.safe_load((root / "params.yaml").read_text())
+    data["bench"].update(suite=str(_suite_file(tmp_path / "suite.jsonl", 2)), bootstrap=100,  # 2 of the 6 prompts
+                         models={k: v for k, v in data["bench"]["models"].items() if k != "same"})
+    cache = _bench_prompt_embeddings(data, tmp_path / "precompute")
+    loads, forbid_encoding = text_encoder_spy
+    assert loads == [True]  # precompute --bench-only encoded the prompts
+    loads.clear()
+    forbid_encoding()
+    data["bench"]["prompt_embeddings"] = str(cache)
+    summary = run_bench(params_from_dict(data), tmp_path / "out", report=False)
+    assert loads == [False, False, False]  # base, the LoRA's base, the full fine-tune: none with text encoders
+    assert summary["prompt_conditioning"] == {"base": str(cache), "trained": str(cache), "bright": str(cache)}
+    cached = pd.read_parquet(tmp_path / "out" / "scores.parquet")
+    assert len(cached) == 3 * 2 * 2
+    single = pd.read_parquet(live / "scores.parquet").merge(cached[["model", "prompt_id", "seed"]])
+    pd.testing.assert_frame_equal(cached.drop(columns="diversity"), single.drop(columns="diversity"),
+                                  check_exact=False, rtol=1e-9, atol=1e-12)  # BRISQUE: see the parts test
+    assert cached["diversity"].to_numpy() == pytest.approx(single["diversity"].to_numpy(), rel=1e-9)
+    for rel in cached["image"]:
+        assert (tmp_path / "out" / rel).read_bytes() == (live / rel).read_bytes()
+
+
+def test_prompt_embeddings_must_match_the_base_and_the_suite(tmp_path, capsys, caplog, text_encoder_spy):
+    """A file lacking a suite prompt or made by another model stops the bench before any model loads; a
+    benched model on another base than model.path encodes its prompts with its own text encoders (warned)."""
+    import shutil
+
+    from portraitgen.policies import tiny_model_path
+
+    other = tmp_path / "other-base"  # the tiny model's weights, but another model folder (another fingerprint)
+    shutil.copytree(tiny_model_path("sd3"), other)
+    (other / "NOTES.txt").write_text("a copy")
+    one = {"bench.suite": str(_suite_file(tmp_path / "one.jsonl", 1)), "bench.subset": "full", "bench.seeds": [0],
+           "bench.num_steps": 2, "bench.bootstrap": 100, "bench.reference": "builtin:portraits"}
+    cache = _bench_prompt_embeddings(fast_params(**one), tmp_path / "precompute")
+    loads, _ = text_encoder_spy
+    loads.clear()
+
+    def bench_cli(name: str, **overrides) -> int:
+        params = tmp_path / f"{name}.yaml"
+        params.write_text(yaml.safe_dump(fast_params(**{**one, "bench.prompt_embeddings": str(cache), **overrides})))
+        return main(["bench", "--params", str(params), "--out", str(tmp_path / name)])
+
+    two = _suite_file(tmp_path / "two.jsonl", 2)
+    p1 = load_suite(str(two), "full")[1]
+    assert bench_cli("more-prompts", **{"bench.suite": str(two)}) == 2
+    err = capsys.readouterr().err
+    assert f"bench.prompt_embeddings: {cache} has no embedding for 1 of the 3 prompts of two/full (e.g. {p1.id}: " \
+           f"{p1.prompt!r})" in err and "--bench-only" in err, err
+    assert bench_cli("stale", **{"model.path": str(other)}) == 2
+    err = capsys.readouterr().err
+    assert f"bench.prompt_embeddings: {cache} was made by another model" in err, err
+    assert bench_cli("missing", **{"bench.prompt_embeddings": str(tmp_path / "nope.safetensors")}) == 2
+    assert f"bench.prompt_embeddings: {tmp_path / 'nope.safetensors'} not found (run `portraitgen precompute" \
+           in capsys.readouterr().err
+    assert loads == [] and not any((tmp_path / n).exists() for n in ("more-prompts", "stale", "missing"))
+
+    data = fast_params(**{**one, "bench.prompt_embeddings": str(cache), "bench.models": {"base": "base",
+                                                                                        "other": str(other)}})
+    with caplog.at_level(logging.WARNING, logger="portraitgen.bench.run"):
+        summary = run_bench(params_from_dict(data), tmp_path / "fallback", report=False)
+    assert f"bench.models.other is built on sd3:{other}" in caplog.text and "its own text encoders" in caplog.text
+    assert loads == [False, True]  # base from the file, `other` with its text encoders
+    assert summary["prompt_conditioning"] == {"base": str(cache), "other": "text encoders"}
+    scores = pd.read_parquet(tmp_path / "fallback" / "scores.parquet")
+    images = {m: (tmp_path / "fallback" / scores[scores.model == m]["image"].iloc[0]).read_bytes()
+              for m in ("base", "other")}
+    assert images["base"] == images["other"]  # the same weights, cached or live conditioning: the same image

@@ -233,6 +233,25 @@ def test_a_single_model_without_comparisons_or_set_metrics(tmp_path):
     assert list(pd.read_csv(bench / "plots/per_category.csv").columns[:3]) == ["category", "n", "grpo/ai_portrait_classic"]
 
 
+def test_a_nan_category_mean_shows_no_difference(tmp_path):
+    """A per-category mean that is NaN (nothing measured there) gives "–" as its difference, not a crash."""
+    bench = make_bench(tmp_path / "bench")
+    pc = pd.read_parquet(bench / "per_category.parquet")
+    hole = (pc["model"] == "grpo") & (pc["category"] == "stress:freckles") & (pc["metric"] == "artifact/oily")
+    assert hole.sum() == 1
+    pc.loc[hole, ["mean", "std"]] = np.nan
+    pc.to_parquet(bench / "per_category.parquet", index=False)
+    text = write_report(bench, None).read_text()
+    row = text[text.index('<tr data-category="stress:freckles">'):].split("</tr>")[0]
+    cell = Page(row).cells
+    diff = [v for a, v in cell if a.get("data-model") == "grpo" and a.get("data-baseline") == "base"
+            and a["data-metric"] == "artifact/oily"]
+    assert diff == ["–"]
+    other = [v for a, v in cell if a.get("data-model") == "exemplar" and a.get("data-baseline") == "base"
+             and a["data-metric"] == "artifact/oily"]
+    assert other and other[0] != "–"  # the other model's difference in that category is still shown
+
+
 def test_mlflow_gets_metrics_table_and_report(report, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -52,6 +52,50 @@ def test_cache_refuses_another_model_and_missing_prompts(tmp_path):
                                policy.encode_prompts(["a portrait"])["prompt_embeds"])
 
 
+def test_bench_prompts_get_their_own_file_from_the_shared_store(tmp_path, capsys):
+    """Training's cache holds the training prompts only; --bench-only writes the bench's (and nothing else)
+    from the same per-prompt store: a prompt in both is encoded once, and neither run's pruning loses the
+    other's entries."""
+    from portraitgen.cli import main
+    from portraitgen.prompts import load_prompts
+
+    training = load_prompts("builtin:demo")
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("".join(json.dumps({"id": f"s{i}", "prompt": p, "categories": ["shot:headshot"]}) + "\n"
+                             for i, p in enumerate([training[0], "a studio headshot of a bench-only person"])))
+    over = {"bench.suite": str(suite), "bench.subset": "full", "invert.manifest": str(tmp_path / "none.parquet")}
+    params_file = write_params(tmp_path / "params.yaml", **over)
+    params = params_from_dict(fast_params(**over))
+    out = tmp_path / "pre"
+    first = run_precompute(params, out)
+    assert first["prompts"] == len(training) and first["cache_prompts"] == len(training)
+    assert EmbeddingCache(out / "prompt_embeddings.safetensors").prompts == ["", *training]
+    assert not (out / "bench_prompt_embeddings.safetensors").exists()
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert main(["precompute", "--params", str(params_file), "--out", str(out), "--bench-only"]) == 0
+    bench_file = out / "bench_prompt_embeddings.safetensors"
+    bench = EmbeddingCache(bench_file, model_fingerprint("sd3", "builtin:tiny"))
+    assert bench.prompts == ["", training[0], "a studio headshot of a bench-only person"]
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    changed = {p for p in after if p not in before or after[p] != before[p]}
+    chunks = {p for p in changed if p.parent == out / "cache" / "embeddings" and p not in before}
+    assert changed == {bench_file} | chunks and len(chunks) == 1  # the file, and the new prompt's store entry
+    shared = EmbeddingCache(out / "prompt_embeddings.safetensors").lookup([training[0], ""])
+    for name, rows in bench.lookup([training[0], ""]).items():
+        assert torch.equal(rows, shared[name])  # one stored entry serves both files
+
+    again = run_precompute(params, out)  # training's pruning keeps the bench's entries ...
+    assert again["prompts_encoded"] == 0 and again["base_model_loads"] == 0
+    bench_again = run_precompute(params, out, bench_only=True)  # ... so nothing is encoded again
+    assert bench_again["prompts_encoded"] == 0 and bench_again["prompts_reused"] == 3
+    assert bench_again["base_model_loads"] == 0
+
+    assert main(["precompute", "--params", str(params_file), "--out", str(out), "--bench-only",
+                 "--merge-only", "--num-parts", "2"]) == 2
+    assert "--bench-only embeds PortraitBench's prompts in one process" in capsys.readouterr().err
+
+
 def test_exemplar_rewards_are_scored_once_and_used_by_training(tmp_path):
     captions = ["a portrait photo of a smiling woman"] * 2 + ["a headshot of an old man"] * 2
     manifest = make_manifest(tmp_path / "curate", n=4, size=32, captions=captions)

@@ -171,6 +171,11 @@ def test_dry_run_lists_train_with_the_dvc_command(project):
         assert HARDWARE_FLAGS.sub("", commands[name]) == stage["cmd"], name
 
 
+# Stages whose --out is another stage's folder: bench_embeddings writes PortraitBench's prompt embeddings
+# into results/precompute, whose per-prompt embedding store it shares (workflow/rules/precompute.smk).
+SHARED_OUT_DIRS = {"bench_embeddings": "precompute"}
+
+
 def test_snakefile_and_dvc_yaml_agree(project):
     rules = snakemake_rules(project)
     stages = dvc_stages(project)
@@ -199,10 +204,21 @@ def test_snakefile_and_dvc_yaml_agree(project):
         assert {f for f in rule["input"] if not f.startswith("portraitgen/")} == set(stage["deps"]) - {"portraitgen"}, name
         assert rule["log"] == [f"results/logs/{name}.log"]
         assert rule["benchmark"] == f"results/benchmarks/{name}.tsv"
-        # Every output lives in the stage's own folder, the one passed as --out.
+        # Every output lives in the stage's own folder (or the one it shares), the one passed as --out.
         out_dir = re.search(r"--out (\S+)", stage["cmd"]).group(1)
-        assert out_dir == f"results/{name}"
+        assert out_dir == f"results/{SHARED_OUT_DIRS.get(name, name)}"
         assert all(p.startswith(out_dir + "/") for p in [*outs, *metrics])
+    # No file is the output of two stages (the bench's prompts are not in a file training reads).
+    declared = [p for stage in stages.values() for p in [*_out_paths(stage.get("outs", [])),
+                                                         *_out_paths(stage.get("metrics", []))]]
+    assert len(declared) == len(set(declared))
+
+    bench_embeddings = rules["bench_embeddings"]
+    assert bench_embeddings["output"] == {"embeddings": "results/precompute/bench_prompt_embeddings.safetensors"}
+    assert bench_embeddings["params"] == ["model_family", "model_path", "bench_suite", "bench_subset"]
+    assert "results/precompute/bench_prompt_embeddings.safetensors" in rules["bench"]["input"]
+    assert not {"bench_suite", "bench_subset"} & set(rules["precompute"]["params"])  # but bench_reward stays
+    assert "bench_reward" in rules["precompute"]["params"]
 
     train = rules["train"]
     assert train["output"] == {
@@ -335,7 +351,8 @@ STUB = """#!{python}
 # Stand-in for `portraitgen train`: records its arguments, resumes like the trainer (one new
 # checkpoint per run, numbered after the ones it finds), writes final/ and metrics.json, and fails
 # after checkpointing when PORTRAITGEN_STUB_FAIL is set. For `portraitgen curate`: writes the stage's
-# outputs and adds one entry to its cache per run; for invert and precompute: their declared outputs.
+# outputs and adds one entry to its cache per run; for invert, precompute (--bench-only: the bench's
+# prompt embeddings only) and bench: their declared outputs.
 import json, os, sys
 from pathlib import Path
 args = sys.argv[1:]
@@ -355,7 +372,8 @@ if args[0] == "curate":  # the curate stage's outputs and its (undeclared / pers
     sys.exit(0)
 if args[0] in ("invert", "precompute", "bench"):  # their declared outputs
     names = {{"invert": ["index.parquet", "report.html", "residuals.png", "metrics.json"],
-             "precompute": ["prompt_embeddings.safetensors", "exemplar_rewards.parquet", "metrics.json"],
+             "precompute": (["bench_prompt_embeddings.safetensors"] if "--bench-only" in args else
+                            ["prompt_embeddings.safetensors", "exemplar_rewards.parquet", "metrics.json"]),
              "bench": ["scores.parquet", "per_category.parquet", "set_metrics.parquet", "comparisons.parquet",
                        "metrics_info.json", "report.html", "report_assets/grid.png", "plots/comparisons.csv",
                        "images/base/p000_s0.png", "metrics.json"]}}
@@ -511,6 +529,11 @@ def test_dvc_repro_keeps_the_curate_cache(project, stub_env):
     _edit_params(project, "curate", "max_blur", 0.5)
     assert re.search(r"^curate:", dvc(project, "status", env=env()).stdout, re.M)
     dvc(project, "repro", env=env())
+    # PortraitBench's prompts are a stage of their own: editing them leaves precompute, and so train, as is.
+    _edit_params(project, "bench", "subset", "full")
+    status = dvc(project, "status", env=env()).stdout
+    assert re.search(r"^bench_embeddings:", status, re.M), status
+    assert not re.search(r"^(precompute|train):", status, re.M), status
     assert calls("curate")[-1]["cache"] == ["entry-0", "entry-1"]
     assert (project / "results" / "curate" / "images" / "0123456789abcdef.png").exists()
 
@@ -535,6 +558,23 @@ def test_second_run_does_nothing_and_a_training_param_reruns_train_and_bench_onl
     assert "Nothing to be done" in smk(project, "-n", env=env()).stdout
     # The bench's own settings rerun only the bench.
     _edit_params(project, "bench", "num_steps", 5)
+    assert _jobs(smk(project, "-n", env=env()).stdout) == {"bench", "all"}
+
+
+def test_a_bench_prompt_param_reruns_the_bench_side_only(project, stub_env):
+    env, calls = stub_env
+    smk(project, env=env())
+    command = ["precompute", "--params", "params.yaml", "--out", "results/precompute"]
+    assert sorted(c["args"] for c in calls("precompute")) == [command, command + ["--bench-only"]]  # any order
+    # The bench's prompts are not in any file training reads: editing them reruns their job and the bench.
+    _edit_params(project, "bench", "subset", "full")
+    assert _jobs(smk(project, "-n", env=env()).stdout) == {"bench_embeddings", "bench", "all"}
+    smk(project, env=env())
+    assert calls("precompute")[-1]["args"][-1] == "--bench-only" and len(calls("precompute")) == 3
+    assert len(calls("train")) == 1
+    # Without bench.prompt_embeddings the bench encodes the prompts itself: the file is no input then.
+    _edit_params(project, "bench", "prompt_embeddings", "")
+    (project / "results" / "precompute" / "bench_prompt_embeddings.safetensors").unlink()
     assert _jobs(smk(project, "-n", env=env()).stdout) == {"bench", "all"}
 
 

@@ -253,7 +253,7 @@ def verdicts(b: Bench) -> list[Verdict]:
         word = str(r.get("verdict") or "")
         if word not in ("better", "worse"):
             s = b.info.get(r["metric"], MetricInfo(r["metric"])).sign * np.sign(float(r["diff"]))
-            word = {1: "better", -1: "worse"}.get(int(s), "differs")
+            word = {1: "better", -1: "worse"}.get(int(s), "differs") if math.isfinite(s) else "differs"
         out.append(Verdict(str(r["model"]), str(r["baseline"]), str(r["metric"]), float(r["diff"]),
                            float(r["lo"]), float(r["hi"]), word))
     return out
@@ -591,6 +591,10 @@ def _per_category_section(b: Bench) -> str:
                     cells.append("<td class='num'>–</td>")
                     continue
                 d = a[0] - c[0]
+                if not math.isfinite(d):  # a mean that is NaN (nothing measured) or infinite: no difference
+                    cells.append(f'<td class="num" data-model="{esc(model)}" data-baseline="{esc(base)}" '
+                                 f'data-metric="{esc(metric)}">–</td>')
+                    continue
                 cls = ["diff"] + ({1: ["good"], -1: ["bad"]}.get(int(np.sign(d) * info.sign), []))
                 if sig.get((model, base, cat, metric)):
                     cls.append("sig")

@@ -13,6 +13,15 @@ The stage reads as phases:
    ``bench.guidance_scale``, at ``model.resolution``. The start noise of ``(prompt_id, seed)`` comes from a
    generator seeded by ``(BENCH_NOISE_KEY, hash(prompt_id), seed)`` only: every model starts from the same
    noise (so images pair), and neither the part, the batch nor ``seed`` (training's) changes it.
+   The prompts' conditioning comes from ``bench.prompt_embeddings`` (made by ``portraitgen precompute
+   --bench-only``) for every model whose text encoders are those of ``model.path`` — the base, and its
+   LoRAs and full fine-tunes (``portraitgen.json`` names the base; training never changes the text
+   encoders) — and such a model is loaded without its text encoders. A model on another base (its
+   fingerprint differs) falls back to its own text encoders, with a warning: the file cannot describe it.
+   A file made by another model than ``model.path``, or lacking a suite prompt (or the empty prompt, with
+   CFG), stops the stage before any model loads, naming the prompt and the file. Cached or live, every
+   prompt is encoded on its own (:func:`portraitgen.embeddings.encode_one`), so both give the same
+   tensors and the same images.
 2. **score** — per image (metrics.py): every ``bench.reward`` component and sub-score, face detection,
    the raw skin/exposure measurements behind the artifact flags, and the feature vector.
 3. **merge** — artifact flags against the real set (``bench.reference``), diversity across seeds,
@@ -82,6 +91,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import BENCH_LABEL_CHARS, BENCH_RESERVED_LABELS, Params, flatten
+from ..embeddings import EmbeddingCache, EmbeddingCacheError, encode_one
 from .compare import ID_COLUMNS, compare_pairs, feature_distance, per_category
 from .metrics import (FEATURE_NAMES, RAW_KEYS, ArtifactThresholds, FeatureScaler, analyse_image, diversity,
                       load_reference, reward_column_info, reward_columns)
@@ -174,25 +184,133 @@ def prompt_key(prompt_id: str) -> int:
     return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:12], 16)
 
 
-def load_model(params: Params, model: BenchModel, device: str):
-    from ..export import load_trained
+def _model_folder(params: Params, model: BenchModel) -> tuple[str, Path | None, dict | None]:
+    """What ``export.load_trained`` would load for ``model``: (spec or path, the folder, its portraitgen.json)."""
+    from ..export import MANIFEST
 
-    policy = load_trained(params.model.path if model.spec == "base" else model.spec, family=params.model.family,
-                          device=device)
+    spec = params.model.path if model.spec == "base" else model.spec
+    if spec.startswith("builtin:"):
+        return spec, None, None
+    path = Path(spec).expanduser()
+    if (path / "final" / MANIFEST).is_file():
+        path = path / "final"
+    manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else None
+    return spec, path, manifest
+
+
+def text_encoder_base(params: Params, model: BenchModel) -> tuple[str, str]:
+    """(family, model path) whose text encoders ``model`` uses: the base recorded in portraitgen.json for a
+    training output or an exported model (LoRA or full fine-tune: training never changes the text encoders),
+    else the model itself (``base``, ``builtin:...``, a plain diffusers folder)."""
+    spec, path, manifest = _model_folder(params, model)
+    if manifest is not None:
+        return str(manifest["family"]), str(manifest["base_model"])
+    return params.model.family, str(path) if path is not None else spec
+
+
+def load_model(params: Params, model: BenchModel, device: str, text_encoders: bool = True):
+    """The policy of ``model`` (what ``export.load_trained`` loads); ``text_encoders=False`` leaves its text
+    encoders out (the conditioning then comes from ``bench.prompt_embeddings``), as training does with
+    ``train.prompt_embeddings``."""
+    from ..export import load_trained
+    from ..policies import load_policy
+
+    if text_encoders:
+        policy = load_trained(params.model.path if model.spec == "base" else model.spec, family=params.model.family,
+                              device=device)
+    else:
+        spec, path, manifest = _model_folder(params, model)
+        if manifest is None:  # base, builtin:..., a plain diffusers folder
+            policy = load_policy(params.model.family, str(path) if path is not None else spec, device=device,
+                                 text_encoders=False)
+        elif manifest["finetune"] == "full":
+            policy = load_policy(manifest["family"], str(path), device=device, text_encoders=False)
+        else:  # a LoRA on its base model, as load_trained loads it
+            policy = load_policy(manifest["family"], manifest["base_model"], device=device, text_encoders=False)
+            policy.pipeline.load_lora_weights(str(path))
     policy.freeze_all()
     return policy
 
 
+class PromptConditioning:
+    """A model's prompt conditioning: rows of ``bench.prompt_embeddings`` (``cache``), or its own text
+    encoders (``cache=None``). Both encode each prompt on its own (:func:`encode_one`: what the cache holds),
+    so they give identical tensors."""
+
+    def __init__(self, policy, cache: EmbeddingCache | None):
+        self.policy, self.cache = policy, cache
+
+    @property
+    def source(self) -> str:
+        return str(self.cache.path) if self.cache is not None else "text encoders"
+
+    def __call__(self, prompts: Sequence[str]):
+        if self.cache is not None:
+            return self.cache.lookup(list(prompts), self.policy.device)
+        rows = [encode_one(self.policy, p) for p in prompts]
+        return {k: torch.cat([r[k] for r in rows]).to(self.policy.device) for k in rows[0]}
+
+
+def open_prompt_embeddings(params: Params, suite: Sequence[SuitePrompt]) -> EmbeddingCache | None:
+    """``bench.prompt_embeddings`` checked before any model loads: made by ``model.path`` with the current
+    encoder settings, holding every suite prompt (and the empty prompt when CFG is on); None when unset."""
+    from ..policies import model_fingerprint
+
+    b = params.bench
+    if not b.prompt_embeddings:
+        return None
+    remedy = "run `portraitgen precompute --params ... --out results/precompute --bench-only`"
+    try:
+        cache = EmbeddingCache(b.prompt_embeddings, model_fingerprint(params.model.family, params.model.path),
+                               key="bench.prompt_embeddings", remedy=remedy)
+    except EmbeddingCacheError as exc:
+        raise BenchError(str(exc)) from None
+    wanted = [p.prompt for p in suite] + ([""] if b.guidance_scale != 1.0 else [])
+    missing = cache.missing(wanted)
+    if missing:
+        ids = {p.prompt: p.id for p in suite}
+        named = "; ".join(f"{ids[m]}: {m!r}" if m in ids else "the empty prompt (CFG)" for m in missing[:3])
+        raise BenchError(f"bench.prompt_embeddings: {cache.path} has no embedding for {len(missing)} of the "
+                         f"{len(set(wanted))} prompts of {suite_name(b.suite, b.subset)} (e.g. {named}); it was made "
+                         f"for other bench.suite/bench.subset values: re-{remedy}")
+    return cache
+
+
+def conditioning_sources(params: Params, models: Sequence[BenchModel],
+                         cache: EmbeddingCache | None) -> dict[str, EmbeddingCache | None]:
+    """label -> the cache its conditioning comes from, or None for its own text encoders: a model whose text
+    encoders are not those of ``model.path`` (another fingerprint) cannot use the cache, and falls back to
+    them with a warning."""
+    from ..policies import model_fingerprint
+
+    if cache is None:
+        return {m.label: None for m in models}
+    out: dict[str, EmbeddingCache | None] = {}
+    for m in models:
+        family, path = text_encoder_base(params, m)
+        fp = model_fingerprint(family, path)
+        if fp == cache.fingerprint:
+            out[m.label] = cache
+        else:
+            log.warning("bench: %s is built on %s:%s (fingerprint %s), not on model.path %s:%s whose prompt embeddings "
+                        "%s holds (fingerprint %s): its prompts are encoded by its own text encoders", m.key, family,
+                        path, fp, params.model.family, params.model.path, cache.path, cache.fingerprint)
+            out[m.label] = None
+    return out
+
+
 @torch.no_grad()
 def sample_batch(policy, batch: Sequence[SuitePrompt], seeds: Sequence[int], *, resolution: int, num_steps: int,
-                 guidance_scale: float, uncond) -> torch.Tensor:
-    """``[len(batch) * len(seeds), 3, R, R]`` images in [0, 1], prompt-major, quantised to 8 bits (as saved)."""
+                 guidance_scale: float, uncond, conditioning=None) -> torch.Tensor:
+    """``[len(batch) * len(seeds), 3, R, R]`` images in [0, 1], prompt-major, quantised to 8 bits (as saved).
+    ``conditioning`` maps prompts to their conditioning (default: the policy's text encoders)."""
     from ..sampling import randn_per_sample, rollout
     from ..training import seeded_generator
 
     shape = policy.latent_shape(resolution, resolution)
     sigmas = policy.sigmas(num_steps, resolution, resolution)
-    cond_prompts = policy.encode_prompts([p.prompt for p in batch])
+    conditioning = conditioning if conditioning is not None else PromptConditioning(policy, None)
+    cond_prompts = conditioning([p.prompt for p in batch])
     index = [i for i in range(len(batch)) for _ in seeds]
     cond = {k: v[index] for k, v in cond_prompts.items()}
     gens = [seeded_generator(BENCH_NOISE_KEY, prompt_key(p.id), s) for p in batch for s in seeds]
@@ -230,9 +348,11 @@ def score_batch(rewards, images: torch.Tensor, batch: Sequence[SuitePrompt], see
 
 
 def run_part(params: Params, models: Sequence[BenchModel], suite: Sequence[SuitePrompt], rewards, out_dir: Path, *,
-             part: int, num_parts: int, batch_size: int, device: str) -> tuple[pd.DataFrame, dict, dict[str, float]]:
+             part: int, num_parts: int, batch_size: int, device: str,
+             caches: Mapping[str, EmbeddingCache | None] | None = None) -> tuple[pd.DataFrame, dict, dict[str, float]]:
     """Sample and score part ``part`` of ``num_parts`` for every model: its rows, the reward columns'
-    (description, higher_is_better), and timings."""
+    (description, higher_is_better), and timings. ``caches``: label -> the prompt-embedding cache that
+    model's conditioning comes from (it is then loaded without text encoders), None for its text encoders."""
     from ..images import to_pil
 
     import cv2
@@ -251,15 +371,18 @@ def run_part(params: Params, models: Sequence[BenchModel], suite: Sequence[Suite
         return pd.DataFrame(rows), info, timing
     for model in models:
         t0 = time.perf_counter()
-        policy = load_model(params, model, device)
-        uncond = policy.encode_prompts([""]) if b.guidance_scale != 1.0 else None
+        cache = (caches or {}).get(model.label)
+        policy = load_model(params, model, device, text_encoders=cache is None)
+        conditioning = PromptConditioning(policy, cache)
+        uncond = conditioning([""]) if b.guidance_scale != 1.0 else None
         timing["load"] += time.perf_counter() - t0
+        log.info("bench %s: prompt conditioning from %s", model.label, conditioning.source)
         (out_dir / "images" / model.label).mkdir(parents=True, exist_ok=True)
         desc = f"bench {model.label}" + (f" part {part}/{num_parts}" if num_parts > 1 else "")
         for batch in tqdm(batches, desc=desc, leave=False):
             t0 = time.perf_counter()
             images = sample_batch(policy, batch, b.seeds, resolution=params.model.resolution, num_steps=b.num_steps,
-                                  guidance_scale=b.guidance_scale, uncond=uncond)
+                                  guidance_scale=b.guidance_scale, uncond=uncond, conditioning=conditioning)
             for img, (p, s) in zip(images, [(p, s) for p in batch for s in b.seeds]):
                 to_pil(img).save(out_dir / image_rel(model.label, p.id, s))
             t1 = time.perf_counter()
@@ -525,6 +648,8 @@ def run_bench(params: Params, out_dir: str | Path, *, models: Mapping[str, str] 
     if not scattered:
         check_reference(b.reference)
     fp = fingerprint(params, bench_models, suite)
+    # A missing, stale or incomplete bench.prompt_embeddings fails here, before any model loads.
+    caches = {} if merge_only else conditioning_sources(params, bench_models, open_prompt_embeddings(params, suite))
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     if merge_only:
@@ -541,7 +666,7 @@ def run_bench(params: Params, out_dir: str | Path, *, models: Mapping[str, str] 
         tables, reward_info, timing = [], {}, {"load": 0.0, "sample": 0.0, "score": 0.0}
         for p in ([part] if part is not None else range(num_parts)):
             t, info, tm = run_part(params, bench_models, suite, rewards, out, part=p, num_parts=num_parts,
-                                   batch_size=batch_size, device=device)
+                                   batch_size=batch_size, device=device, caches=caches)
             reward_info.update(info)
             timing = {k: timing[k] + tm[k] for k in timing}
             if num_parts > 1:
@@ -561,6 +686,9 @@ def run_bench(params: Params, out_dir: str | Path, *, models: Mapping[str, str] 
             return {"part": part, "num_parts": num_parts, "images": len(table), "file": str(path), **timing}
     summary = merge(params, bench_models, baseline, suite, table, reward_info, out)
     summary.update({f"seconds_{k}": v for k, v in timing.items()})
+    if caches:
+        summary["prompt_conditioning"] = {label: str(c.path) if c is not None else "text encoders"
+                                          for label, c in caches.items()}
     if report:
         report_and_track(params, out, summary, bench_models)
     summary["seconds_total"] = time.perf_counter() - t_start

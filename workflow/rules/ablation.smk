@@ -121,6 +121,7 @@ rule ablation_bench:
         src=package_sources(),
         models=expand(f"{RUN_DIR}/train/final", run=ABLATION_RUNS),
         reference="results/curate/manifest.parquet",
+        embeddings=bench_prompt_embeddings(),  # the bench prompts' cache (bench_embeddings rule)
     output:
         scores="results/ablation/bench/scores.parquet",
         comparisons="results/ablation/bench/comparisons.parquet",

@@ -10,9 +10,16 @@
 # job reads them, and Snakemake would delete a declared output of the merge before it runs. The merge
 # removes images of models or prompts no longer benched. dvc.yaml declares them `persist: true`.
 #
+# Prompt conditioning: with `bench.prompt_embeddings` set (params.yaml: results/precompute/
+# bench_prompt_embeddings.safetensors, the `bench_embeddings` rule's output in rules/precompute.smk),
+# that file is an input (bench_inputs() in common.smk) and the models built on `model.path` are loaded
+# without their text encoders. Set it to "" and the bench encodes the prompts itself (no input).
+#
 # Rerun triggers: the `bench` and `model` sections (the training seed does not move the bench's
-# noise), the trained model, the real reference set. Hardware: --batch-size (images per forward pass,
-# the resource bench_batch; part jobs and the merge must agree on it, so it is one resource).
+# noise), the trained model, the real reference set, the suite file (unless built in), the prompt
+# embeddings (so editing `bench.suite`/`bench.subset` reruns `bench_embeddings` and the bench only).
+# Hardware: --batch-size (images per forward pass, the resource bench_batch; part jobs and the merge
+# must agree on it, so it is one resource).
 #
 # Scatter/gather: `snakemake --config bench_parts=4` runs 4 `bench_part` jobs (`--part I --num-parts 4`,
 # each sampling and scoring a share of the prompts for every model), then `bench` merges them.

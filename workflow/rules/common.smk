@@ -176,8 +176,10 @@ BENCH_PARTS = int(config.get("bench_parts", 1))
 
 
 def bench_inputs():
-    """Files the bench reads besides the package: trained models of this pipeline and the reference."""
-    files = []
+    """Files the bench reads besides the package: trained models of this pipeline, the reference, the
+    suite file (unless built in) and, when set, the suite's prompt embeddings (`bench.prompt_embeddings`,
+    made by the `bench_embeddings` rule in rules/precompute.smk)."""
+    files = bench_prompt_embeddings() + bench_suite_file()
     for path in config["bench"].get("models", {}).values():
         path = str(path).rstrip("/")
         if path == "results/train" or path.startswith("results/train/"):
@@ -188,6 +190,18 @@ def bench_inputs():
     if uses_precomputed_detector(config["bench"].get("reward") or {}):
         files.append("results/precompute/metrics.json")
     return sorted(set(files))
+
+
+def bench_prompt_embeddings():
+    """`bench.prompt_embeddings` ([] when "": the bench runs the text encoders itself)."""
+    path = str((config.get("bench") or {}).get("prompt_embeddings") or "")
+    return [path] if path else []
+
+
+def bench_suite_file():
+    """The suite file `bench.suite` names ([] for a built-in suite, which is package data)."""
+    suite = str((config.get("bench") or {}).get("suite", "builtin:v1"))
+    return [] if suite.startswith("builtin:") else [suite]
 
 
 def bench_part_files():

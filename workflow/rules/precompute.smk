@@ -1,7 +1,7 @@
 # Precompute (issue 5): rule `precompute` -> `portraitgen precompute` -> portraitgen/precompute.py.
-# The prompt-embedding cache (training then never loads the text encoders; bench prompts included),
-# the AI-Portrait detector when a reward component uses it with `path: results/precompute/detector`,
-# and the rewards of every curated exemplar (scored after the detector is trained).
+# The training prompts' embedding cache (training then never loads the text encoders), the AI-Portrait
+# detector when a reward component uses it with `path: results/precompute/detector`, and the rewards of
+# every curated exemplar (scored after the detector is trained).
 #
 # Outputs. prompt_embeddings.safetensors, exemplar_rewards.parquet and metrics.json are declared.
 # results/precompute/cache/ (per-prompt embeddings and per-exemplar rewards, keyed by content and
@@ -10,9 +10,23 @@
 # score and train only what changed.
 #
 # Rerun triggers: `prompts`, `reward`, `model`, the sample settings the detector's generated images
-# use by default (`sample.eval_num_steps`, `sample.guidance_scale`, `sample.cfg`), PortraitBench's
-# prompts and rewards (`bench.suite`, `bench.subset`, `bench.reward`) when params.yaml has a `bench`
-# section, and the curated manifest.
+# use by default (`sample.eval_num_steps`, `sample.guidance_scale`, `sample.cfg`), `bench.reward` when
+# params.yaml has a `bench` section (a bench reward's detector is trained here), and the curated
+# manifest. Not PortraitBench's prompts: those are the `bench_embeddings` rule's (below), so that
+# editing `bench.suite`/`bench.subset` never reruns this job, and through its outputs, training.
+#
+# Rule `bench_embeddings` -> `portraitgen precompute --bench-only`: PortraitBench's prompts (and the
+# empty prompt) -> results/precompute/bench_prompt_embeddings.safetensors, which the bench reads with
+# `bench.prompt_embeddings` (rules/bench.smk: an input through bench_inputs() when that key is set).
+# A rule of its own because Snakemake reruns every job downstream of a rerun job whatever the content
+# of its outputs: were the bench's prompts an output of `precompute`, editing `bench.subset` would
+# retrain the model. Its rerun triggers are what the file depends on: `model.family`, `model.path`,
+# `bench.suite`, `bench.subset` and the suite file (unless built in). It writes into
+# results/precompute because it shares the per-prompt store results/precompute/cache/embeddings/ with
+# `precompute` (a prompt in both lists is encoded once; entries from before the split are reused); it
+# only adds entries, and `precompute` prunes only entries that neither prompt list uses, so the two
+# jobs may run at the same time. Editing `bench.suite` or `bench.subset` reruns `bench_embeddings`
+# and `bench`, nothing else.
 #
 # Scatter/gather for a cluster: `snakemake --config precompute_parts=8` (default 1) runs 8
 # `precompute_part` jobs (`portraitgen precompute --part I --num-parts 8`, each scoring its blocks of
@@ -33,16 +47,15 @@ PRECOMPUTE_PARAMS = {
     "sample_eval_num_steps": config["sample"].get("eval_num_steps", 20),
     "sample_guidance_scale": config["sample"].get("guidance_scale", 4.5),
     "sample_cfg": config["sample"].get("cfg", True),
-    # PortraitBench's prompts and rewards (its prompts are cached; a detector it uses is trained here).
-    **(
-        {
-            "bench_suite": config["bench"].get("suite", "builtin:v1"),
-            "bench_subset": config["bench"].get("subset", "cpu"),
-            "bench_reward": params_section("bench").get("reward", {}),
-        }
-        if "bench" in config
-        else {}
-    ),
+    # PortraitBench's rewards (a detector they use is trained here); its prompts are `bench_embeddings`'.
+    **({"bench_reward": params_section("bench").get("reward", {})} if "bench" in config else {}),
+}
+# The params.yaml values `bench_embeddings` reads (the same keys as dvc.yaml's bench_embeddings params).
+BENCH_EMBEDDINGS_PARAMS = {
+    "model_family": config["model"].get("family", "sd3"),
+    "model_path": config["model"].get("path", "builtin:tiny"),
+    "bench_suite": (config.get("bench") or {}).get("suite", "builtin:v1"),
+    "bench_subset": (config.get("bench") or {}).get("subset", "cpu"),
 }
 PRECOMPUTE_PART_FILES = [
     f"results/precompute/parts/part-{i:04d}-of-{PRECOMPUTE_PARTS:04d}.parquet"
@@ -105,3 +118,26 @@ rule precompute:
         "portraitgen precompute --params params.yaml --out results/precompute"
         + (f" --merge-only --num-parts {PRECOMPUTE_PARTS}" if PRECOMPUTE_PARTS > 1 else "")
         + " > {log} 2>&1"
+
+
+rule bench_embeddings:
+    input:
+        src=package_sources(),
+        suite=bench_suite_file(),
+    output:
+        embeddings="results/precompute/bench_prompt_embeddings.safetensors",
+    params:
+        **BENCH_EMBEDDINGS_PARAMS,
+    log:
+        "results/logs/bench_embeddings.log",
+    benchmark:
+        "results/benchmarks/bench_embeddings.tsv"
+    conda:
+        "../envs/portraitgen.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=0,  # set bench_embeddings:gpu=1 where the text encoders need one
+    shell:
+        "portraitgen precompute --params params.yaml --out results/precompute --bench-only > {log} 2>&1"
