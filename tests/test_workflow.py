@@ -162,7 +162,7 @@ def test_dry_run_lists_train_with_the_dvc_command(project):
         "portraitgen curate --params params.yaml --out results/curate --workers 1 > results/logs/curate.log 2>&1"
     )
     assert commands["train"] == (
-        "portraitgen train --params params.yaml --out results/train"
+        "portraitgen launch-train --params params.yaml --out results/train"
         " --micro-batch-size 0 --mixed-precision no > results/logs/train.log 2>&1"
     )
     stages = dvc_stages(project)
@@ -348,7 +348,7 @@ def test_dvc_config_is_quiet_and_does_not_stage():
 # End to end with a stub `portraitgen`: what survives a rerun, what triggers one
 # --------------------------------------------------------------------------------------------------
 STUB = """#!{python}
-# Stand-in for `portraitgen train`: records its arguments, resumes like the trainer (one new
+# Stand-in for `portraitgen train` / `launch-train`: records its arguments, resumes like the trainer (one new
 # checkpoint per run, numbered after the ones it finds), writes final/ and metrics.json, and fails
 # after checkpointing when PORTRAITGEN_STUB_FAIL is set. For `portraitgen curate`: writes the stage's
 # outputs and adds one entry to its cache per run; for invert, precompute (--bench-only: the bench's
@@ -415,7 +415,9 @@ def stub_env(tmp_path: Path):
 
     def calls(stage="train"):
         rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        return [row for row in rows if row["args"][0] == stage]
+        # The train rule runs `portraitgen launch-train`, which starts `portraitgen train` per GPU.
+        names = {stage, "launch-train"} if stage == "train" else {stage}
+        return [row for row in rows if row["args"][0] in names]
 
     return env, calls
 
@@ -435,7 +437,8 @@ def test_snakemake_keeps_checkpoints_and_reruns_only_on_params(project, stub_env
     assert (train / "metrics.json").exists() and (train / "final" / "model.safetensors").exists()
     assert (project / "results" / "benchmarks" / "train.tsv").exists()
     assert calls()[-1]["args"] == [
-        "train", "--params", "params.yaml", "--out", "results/train", "--micro-batch-size", "0", "--mixed-precision", "no"
+        "launch-train", "--params", "params.yaml", "--out", "results/train", "--micro-batch-size", "0",
+        "--mixed-precision", "no"
     ]
 
     # Hardware and tracking settings, and the order of keys, do not rerun a finished job.
@@ -463,7 +466,7 @@ def test_dvc_repro_keeps_checkpoints(project, stub_env):
     env, calls = stub_env
     dvc(project, "init", "--no-scm", "-q")
     dvc(project, "repro", env=env())
-    assert calls()[-1]["args"] == ["train", "--params", "params.yaml", "--out", "results/train"]
+    assert calls()[-1]["args"] == ["launch-train", "--params", "params.yaml", "--out", "results/train"]
     train = project / "results" / "train"
     assert json.loads((train / "metrics.json").read_text()) == {"reward_mean": 0.5}
 

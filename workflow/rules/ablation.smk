@@ -111,7 +111,7 @@ rule ablation_train:
         micro_batch=0,
         mixed_precision="no",
     shell:
-        "portraitgen train --params {input.params} --out results/ablation/{wildcards.run}/train"
+        "portraitgen launch-train --params {input.params} --out results/ablation/{wildcards.run}/train"
         " --micro-batch-size {resources.micro_batch}"
         " --mixed-precision {resources.mixed_precision} > {log} 2>&1"
 

@@ -1,4 +1,8 @@
-# GRPO post-training (design.md §3): rule `train` -> `portraitgen train` -> portraitgen/training.py.
+# GRPO post-training (design.md §3): rule `train` -> `portraitgen launch-train` -> `portraitgen train`
+# -> portraitgen/training.py. launch-train (portraitgen/launch.py) starts one training process per GPU
+# of the job's allocation (`accelerate launch --multi_gpu`; SLURM_GPUS_ON_NODE, else the visible GPUs),
+# or exactly `portraitgen train` on one GPU or none; every process checks at start-up that it sees its
+# node's GPUs. Batch sizes in params are global, so the GPU count never changes what is trained.
 #
 # Outputs. `final/` (exported diffusers weights), `metrics.json` (summary) and `metrics.jsonl` (one
 # row per iteration, rewritten from the checkpointed history on resume) are declared, so Snakemake
@@ -53,11 +57,11 @@ rule train:
     resources:
         mem_mb=16000,
         runtime=240,  # minutes; matters on SLURM, where it is the job's time limit
-        gpu=0,  # GPUs per job; 0 runs on CPU. Set train:gpu=1 on a GPU machine or cluster
+        gpu=0,  # GPUs per job (scheduling; on SLURM, --gpus). Set train:gpu=N on a GPU machine or cluster
         micro_batch=0,  # samples per forward/backward on each process; 0: the trainer picks
         mixed_precision="no",  # no | fp16 | bf16 (Accelerate's names)
     shell:
-        "portraitgen train --params params.yaml --out results/train"
+        "portraitgen launch-train --params params.yaml --out results/train"
         " --micro-batch-size {resources.micro_batch}"
         " --mixed-precision {resources.mixed_precision}"
         " > {log} 2>&1"
