@@ -31,8 +31,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from .policies.base import Conditioning, FlowPolicy
-from .sampling import StepType, ode_step, randn_per_sample, rollout, stochastic_step
+from .policies.base import Conditioning, FlowPolicy, cond_cat
+from .sampling import StepType, ode_step, randn_per_sample, rollout, stochastic_step, to_device_async
 
 InversionMode = Literal["euler", "fixed_point", "bridge"]
 
@@ -116,21 +116,72 @@ def transition_stats(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioni
     sigma_max = float(sigmas[1])
     lps, res = [], []
     for i in range(T):
-        x, x_next = latents[:, i], latents[:, i + 1]
+        x = latents[:, i]
         v = _velocity(policy, x, float(sigmas[i]), cond, uncond, guidance_scale)
-        out = stochastic_step(x, v, float(sigmas[i]), float(sigmas[i + 1]), step_type, noise_level, sigma_max,
-                              prev_sample=x_next)
-        std = out.std.view(-1, *([1] * (x.ndim - 1)))
-        z2 = ((x_next.float() - out.mean) / std.clamp_min(1e-12)) ** 2
-        ms = z2.mean(dim=tuple(range(1, x.ndim)))
-        res.append(torch.where(out.std > 0, ms, torch.full_like(ms, float("nan"))))
-        lps.append(out.log_prob)
+        lp, ms = _transition_stat(latents, i, v, sigmas, step_type, noise_level, sigma_max)
+        lps.append(lp)
+        res.append(ms)
+    return _stack_stats(lps, res, trainable)
+
+
+def _transition_stat(latents, i, v, sigmas, step_type, noise_level, sigma_max):
+    x, x_next = latents[:, i], latents[:, i + 1]
+    out = stochastic_step(x, v, float(sigmas[i]), float(sigmas[i + 1]), step_type, noise_level, sigma_max,
+                          prev_sample=x_next)
+    std = out.std.view(-1, *([1] * (x.ndim - 1)))
+    z2 = ((x_next.float() - out.mean) / std.clamp_min(1e-12)) ** 2
+    ms = z2.mean(dim=tuple(range(1, x.ndim)))
+    return out.log_prob, torch.where(out.std > 0, ms, torch.full_like(ms, float("nan")))
+
+
+def _stack_stats(lps, res, trainable) -> TransitionStats:
     lp, ms = torch.stack(lps, dim=1), torch.stack(res, dim=1)
     if trainable is not None:  # deterministic transitions (the bridge's landing on x0) are not the policy's
         keep = trainable.to(lp.device)
         lp = torch.where(keep, lp, torch.zeros_like(lp))
         ms = torch.where(keep, ms, torch.full_like(ms, float("nan")))
     return TransitionStats(log_probs=lp, residual_ms=ms)
+
+
+@torch.no_grad()
+def transition_stats_and_samples(policy: FlowPolicy, latents: torch.Tensor, cond: Conditioning, sigmas: torch.Tensor,
+                                 *, step_type: StepType, noise_level: float, trainable: torch.Tensor | None = None,
+                                 uncond: Conditioning | None = None, guidance_scale: float = 1.0,
+                                 sample_cond: Conditioning | None = None,
+                                 sample_generators: Sequence[torch.Generator] = ()
+                                 ) -> tuple[TransitionStats, torch.Tensor | None]:
+    """:func:`transition_stats` of ``latents`` ``[n, T+1, ...]`` and, *in the same forward passes*, fresh
+    stochastic rollouts of ``m = len(sample_generators)`` samples (conditioning ``sample_cond`` ``[m]``; start
+    and step noise drawn from each sample's generator exactly as :func:`~portraitgen.sampling.rollout` draws
+    them). Returns the stats and the samples' per-step log-probs ``[m, T]`` (None when ``m = 0``).
+
+    One transformer call per step serves both: the invert stage's diagnostics compare each exemplar's
+    trajectory with generated samples of its caption, and calling the model once per caption and step was
+    what made them slow. ``uncond`` (with CFG) must have ``n + m`` rows.
+    """
+    m = len(sample_generators)
+    if m == 0:
+        return transition_stats(policy, latents, cond, sigmas, step_type=step_type, noise_level=noise_level,
+                                trainable=trainable, uncond=uncond, guidance_scale=guidance_scale), None
+    sigmas = sigmas.float().cpu()
+    T = sigmas.numel() - 1
+    sigma_max = float(sigmas[1])
+    n, shape, device = latents.shape[0], tuple(latents.shape[2:]), latents.device
+    x_gen = randn_per_sample(shape, sample_generators, device)
+    noise = to_device_async(torch.stack([torch.stack([torch.randn(shape, generator=g, dtype=torch.float32)
+                                                      for _ in range(T)]) for g in sample_generators]), device)
+    both = cond_cat([cond, sample_cond])
+    lps, res, gen_lps = [], [], []
+    for i in range(T):
+        sig, sig_n = float(sigmas[i]), float(sigmas[i + 1])
+        v = _velocity(policy, torch.cat([latents[:, i].float(), x_gen]), sig, both, uncond, guidance_scale)
+        lp, ms = _transition_stat(latents, i, v[:n], sigmas, step_type, noise_level, sigma_max)
+        lps.append(lp)
+        res.append(ms)
+        out = stochastic_step(x_gen, v[n:], sig, sig_n, step_type, noise_level, sigma_max, noise=noise[:, i])
+        x_gen = out.prev_sample
+        gen_lps.append(out.log_prob)
+    return _stack_stats(lps, res, trainable), torch.stack(gen_lps, dim=1)
 
 
 @torch.no_grad()
@@ -181,4 +232,4 @@ def finite_mean(x: torch.Tensor) -> float:
 
 
 __all__ = ["InversionMode", "Inverted", "TransitionStats", "finite_mean", "invert", "ode_step", "psnr",
-           "regenerate", "ssim", "trajectory_log_prob", "transition_stats"]
+           "regenerate", "ssim", "trajectory_log_prob", "transition_stats", "transition_stats_and_samples"]

@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 from . import shards
 from .config import Params
 from .images import load_image
-from .inversion import finite_mean, invert, psnr, regenerate, ssim, trajectory_log_prob, transition_stats
-from .policies import FlowPolicy, load_policy, model_fingerprint
-from .sampling import randn_per_sample, rollout
+from .inversion import (finite_mean, invert, psnr, regenerate, ssim, trajectory_log_prob,
+                        transition_stats_and_samples)
+from .policies import FlowPolicy, cond_cat, load_policy, model_fingerprint
 from .tracking import Tracker
 from .training import seeded_generator
 
@@ -123,20 +123,28 @@ class Inverter:
                      bridge_start=inv.bridge_start, uncond=inv_unc, guidance_scale=inv.guidance_scale)
         self.seconds_inverting += time.perf_counter() - t0
         g = s.guidance_scale if self.train_cfg else 1.0
-        tr_unc = self._uncond_n(n, self.train_cfg)
-        stats = transition_stats(self.policy, out.latents, cond, self.sigmas, step_type=s.step_type,
-                                 noise_level=s.noise_level, trainable=out.trainable, uncond=tr_unc, guidance_scale=g)
+        # Generated samples of the same caption: where does the exemplar's trajectory log-prob fall? Sampled
+        # once per caption (curated captions repeat), for all new captions of the batch together and in the
+        # same forward passes as the exemplars' own transition statistics (log-probs and residuals).
+        k = inv.diagnostic_samples
+        new = [j for j, c in enumerate(captions) if c not in self._caption_cache and c not in captions[:j]]
+        gens = [gg for j in new for gg in self._caption_generators(captions[j])]
+        sample_cond = (cond_cat([{kk: v[j:j + 1].expand(k, *v.shape[1:]) for kk, v in cond.items()} for j in new])
+                       if new else None)
+        stats, samples_lp = transition_stats_and_samples(
+            self.policy, out.latents, cond, self.sigmas, step_type=s.step_type, noise_level=s.noise_level,
+            trainable=out.trainable, uncond=self._uncond_n(n + len(gens), self.train_cfg), guidance_scale=g,
+            sample_cond=sample_cond, sample_generators=gens)
+        for c, j in enumerate(new):
+            self._caption_cache[captions[j]] = samples_lp[c * k:(c + 1) * k]
         # Reconstruction: the deterministic sample from the inverted start, against the real image and
         # against the VAE's own reconstruction (the ceiling any inversion can reach).
         regen = self.policy.decode(regenerate(self.policy, out.latents[:, 0], cond, self.sigmas, inv_unc,
                                               inv.guidance_scale))
         vae_rec = self.policy.decode(x0)
-        # Generated samples of the same caption: where does the exemplar's trajectory log-prob fall?
-        # Sampled once per caption (curated captions repeat), summed over the exemplar's trainable steps.
-        k = inv.diagnostic_samples
         gen_lp = []
         for j in range(n):
-            per_step = self._caption_samples(captions[j], {kk: v[j:j + 1] for kk, v in cond.items()}, x0.shape[1:], g)
+            per_step = self._caption_cache[captions[j]]
             gen_lp.append(trajectory_log_prob(torch.where(out.trainable[j:j + 1].expand(k, -1), per_step,
                                                           torch.zeros_like(per_step))))
         gen_lp = torch.stack(gen_lp)  # [n, k]
@@ -154,19 +162,10 @@ class Inverter:
         }
 
 
-    def _caption_samples(self, caption: str, cond, shape, guidance_scale: float) -> torch.Tensor:
-        """Per-step log-probs ``[k, T]`` of ``invert.diagnostic_samples`` rollouts of ``caption``."""
-        cache = self._caption_cache
-        if caption not in cache:
-            p, s, k = self.p, self.p.sample, self.p.invert.diagnostic_samples
-            tag = int(hashlib.sha256(caption.encode()).hexdigest()[:12], 16)
-            gg = [seeded_generator(p.seed, tag, 12, i) for i in range(k)]
-            start = randn_per_sample(shape, gg, self.policy.device)
-            c = {kk: v.expand(k, *v.shape[1:]) for kk, v in cond.items()}
-            traj = rollout(self.policy, c, start, self.sigmas, step_type=s.step_type, noise_level=s.noise_level,
-                           generators=gg, uncond=self._uncond_n(k, self.train_cfg), guidance_scale=guidance_scale)
-            cache[caption] = traj.log_probs
-        return cache[caption]
+    def _caption_generators(self, caption: str) -> list[torch.Generator]:
+        """The ``invert.diagnostic_samples`` generators of a caption's generated samples (seeded by it)."""
+        tag = int(hashlib.sha256(caption.encode()).hexdigest()[:12], 16)
+        return [seeded_generator(self.p.seed, tag, 12, i) for i in range(self.p.invert.diagnostic_samples)]
 
 
 PER_EXEMPLAR = ("latents", "trainable", "log_probs_ref", "residual_ms", "psnr", "ssim", "psnr_vae", "traj_logprob",
@@ -201,7 +200,7 @@ def invert_part(params: Params, out_dir: Path, part: int = 0, num_parts: int = 1
     plan = [sh for sh in plan_shards(df, keys, params.invert.shard_size) if sh["index"] % num_parts == part]
     todo = [sh for sh in plan if shards.shard_checksum(shard_dir / sh["name"]) is None]
     counts = {"shards_planned": len(plan), "shards_reused": len(plan) - len(todo), "exemplars_inverted": 0,
-              "exemplars_copied": 0, "seconds_total": 0.0, "seconds_inverting": 0.0}
+              "exemplars_copied": 0, "seconds_total": 0.0, "seconds_inverting": 0.0, "seconds_loading": 0.0}
     if not todo:
         return counts
     existing = _existing_entries(shard_dir)
@@ -219,11 +218,13 @@ def invert_part(params: Params, out_dir: Path, part: int = 0, num_parts: int = 1
                 sigmas = tensors["sigmas"]  # same key -> same schedule
                 counts["exemplars_copied"] += 1
         missing = [r for r in rows if r not in entries]
+        if missing and inverter is None:  # loading the model is not inversion work: timed apart
+            t_load = time.perf_counter()
+            inverter = Inverter(params, device=device)
+            counts["seconds_loading"] += time.perf_counter() - t_load
         t0 = time.perf_counter()
         for lo in range(0, len(missing), batch_size):
             chunk = missing[lo:lo + batch_size]
-            if inverter is None:
-                inverter = Inverter(params, device=device)
             images = torch.stack([load_image(df["image_file"][r], res) for r in chunk])
             result = inverter.run(images, [str(df["caption"][r]) for r in chunk], [keys[r] for r in chunk])
             for i, r in enumerate(chunk):
@@ -362,9 +363,11 @@ def run_invert(params: Params, out_dir: str | Path, *, part: int | None = None, 
     index = merge(params, out_dir)
     summary = summarize(index, residual_by_step(out_dir, index))
     if counts.get("exemplars_inverted"):
-        # With diagnostics (regeneration, generated samples, residuals) and without (inversion alone).
+        # With diagnostics (regeneration, generated samples, residuals) and without (inversion alone); the
+        # model load is apart (`load_seconds`), since it does not grow with the number of images.
         summary["images_per_second"] = counts["exemplars_inverted"] / max(counts["seconds_total"], 1e-9)
         summary["inversion_images_per_second"] = counts["exemplars_inverted"] / max(counts["seconds_inverting"], 1e-9)
+        summary["load_seconds"] = counts["seconds_loading"]
     summary.update({k: v for k, v in counts.items() if not k.startswith("seconds")})
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     report = write_report(out_dir, index, summary)

@@ -11,6 +11,10 @@ Log-probs are averaged over latent dimensions, which keeps importance ratios clo
 
 Randomness is drawn from one ``torch.Generator`` *per sample*, so a sample's trajectory depends only on
 its own seed - not on the batch it was sampled in, the micro-batch size or the number of processes.
+
+No function here waits for the device: scalars become device tensors through ``torch.full`` (a fill
+kernel, not a host-to-device copy), a rollout's step noise is drawn on the host once, up front, and
+copied in one asynchronous transfer, and which steps are deterministic is decided on the host.
 """
 from __future__ import annotations
 
@@ -32,8 +36,10 @@ def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _per_sample(value: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=torch.float32, device=device)
-    return t.expand(batch) if t.ndim == 0 else t.to(torch.float32)
+    if not isinstance(value, torch.Tensor):  # a fill on the device, never a (synchronising) copy to it
+        return torch.full((batch,), float(value), dtype=torch.float32, device=device)
+    t = value.to(device=device, dtype=torch.float32)
+    return t.expand(batch) if t.ndim == 0 else t
 
 
 @dataclass
@@ -54,7 +60,10 @@ def step_std(step_type: StepType, sigma: torch.Tensor, sigma_next: torch.Tensor,
     """
     sigma, sigma_next = sigma.float(), sigma_next.float()
     if step_type == "sde":
-        sigma_max = torch.as_tensor(sigma_max, dtype=torch.float32, device=sigma.device)
+        if isinstance(sigma_max, torch.Tensor):
+            sigma_max = sigma_max.to(device=sigma.device, dtype=torch.float32)
+        else:
+            sigma_max = torch.full_like(sigma, float(sigma_max))
         denom = 1 - torch.where(sigma >= 1.0, sigma_max, sigma)
         s = noise_level * torch.sqrt(sigma / denom)
         return s, s * torch.sqrt(sigma - sigma_next)
@@ -88,10 +97,19 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return torch.where(std > 0, lp, torch.zeros_like(lp))
 
 
+def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait (pinned memory, non-blocking)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def randn_per_sample(shape: Sequence[int], generators: Sequence[torch.Generator],
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """One standard-normal draw of ``shape`` per generator (drawn on CPU, so results match on any device)."""
-    return torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators]).to(device)
+    return to_device_async(torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+                                        for g in generators]), device)
 
 
 def stochastic_step(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float, sigma_next: torch.Tensor | float,
@@ -152,19 +170,29 @@ def rollout(policy: FlowPolicy, cond: Conditioning, start: torch.Tensor, sigmas:
         raise ValueError(f"stochastic mask has {stochastic.numel()} entries for {num_steps} steps")
     sigmas = sigmas.float().cpu()
     sigma_max = float(sigmas[1])
+    # Which steps are deterministic (std 0: e.g. the last "cps" step) is known from the schedule alone.
+    effective = stochastic.clone()
+    for i in torch.nonzero(stochastic).flatten().tolist():
+        _, std = step_std(step_type, sigmas[i:i + 1], sigmas[i + 1:i + 2], noise_level, sigma_max)
+        effective[i] = bool(std[0] > 0)
+    noise_all = None
+    if stochastic.any():
+        if generators is None:
+            raise ValueError("rollout with stochastic steps needs one generator per sample")
+        # All step noise up front, per sample in step order: exactly the draws of one call per step.
+        k, shape = int(stochastic.sum()), tuple(start.shape[1:])
+        noise_all = to_device_async(torch.stack([
+            torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for _ in range(k)])
+            for g in generators]), device)
     x = start.float()
     states, log_probs, means = [x], [], []
-    effective = stochastic.clone()
+    j = 0
     for i in range(num_steps):
         sig, sig_n = float(sigmas[i]), float(sigmas[i + 1])
         v = policy.predict_velocity(x, sig, cond, uncond, guidance_scale)
         if stochastic[i]:
-            if generators is None:
-                raise ValueError("rollout with stochastic steps needs one generator per sample")
-            noise = randn_per_sample(x.shape[1:], generators, device)
-            out = stochastic_step(x, v, sig, sig_n, step_type, noise_level, sigma_max, noise=noise)
-            if bool((out.std == 0).all()):
-                effective[i] = False
+            out = stochastic_step(x, v, sig, sig_n, step_type, noise_level, sigma_max, noise=noise_all[:, j])
+            j += 1
             x, lp, mean = out.prev_sample, out.log_prob, out.mean
         else:
             x = ode_step(x, v, sig, sig_n)

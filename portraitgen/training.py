@@ -20,6 +20,15 @@ one would have done.
 
 Run it with ``portraitgen train --params params.yaml --out results/train`` or, on several processes,
 ``accelerate launch --num_processes N -m portraitgen train ...``.
+
+Performance (benchmarks/iteration_breakdown.py measures all of it): every iteration is timed phase by phase
+(``time/<phase>`` in metrics.jsonl, see :mod:`portraitgen.profiling`) with CUDA events, never a device
+synchronisation inside the step loops - step noise is drawn up front and copied asynchronously, index
+tensors live on the device, and the loss statistics stay on the device until the end of the train phase.
+Prompt embeddings are cached (text encoders never run in the loop); rewards of generated images are scored
+in a worker thread while the exemplars' log-probs are computed; the next iteration's exemplar data is
+loaded in the background. Hardware options (never params): autocast with the frozen weights stored in
+bf16/fp16, ``torch.compile`` of the transformer, activation checkpointing.
 """
 from __future__ import annotations
 
@@ -28,7 +37,8 @@ import hashlib
 import json
 import logging
 import math
-import time
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +56,11 @@ from .embeddings import EmbeddingCache
 from .exemplars import ExemplarBank
 from .images import load_image
 from .policies import FlowPolicy, cond_select, load_policy, model_fingerprint, resolve_model_path
+from .profiling import PhaseTimeline
 from .prompts import load_prompts
 from .rewards import RewardSet
-from .sampling import Trajectory, randn_per_sample, rollout, step_mean, step_std, stochastic_step
+from .sampling import (Trajectory, randn_per_sample, rollout, step_mean, step_std, stochastic_step,
+                       to_device_async)
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -64,10 +76,17 @@ class TrainingSetupError(ValueError):
 
 @dataclass(frozen=True)
 class Hardware:
-    """How the work is laid out on the machine. Never changes results, so it is not in params."""
+    """How the work is laid out on the machine. Never changes what is computed (only its floating-point
+    rounding: precision, kernels, batch shapes), so it is not in params: CLI flags / Snakemake resources."""
 
     micro_batch_size: int = 0  # samples per forward pass per process; 0 = as large as possible, up to 8
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16" autocast for the transformer (step math stays fp32)
+    rollout_micro_batch_size: int = 0  # samples per forward pass without gradients (rollouts); 0 = micro_batch_size
+    # With fp16/bf16: store the frozen transformer weights and the VAE in that dtype (autocast casts them to
+    # it for every matmul anyway; kept in fp32 they cost twice the memory and a cast per forward pass).
+    low_precision_weights: bool = True
+    compile: bool = False  # torch.compile the transformer (the first calls of each shape compile)
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
 
 
 def seeded_generator(*key: int) -> torch.Generator:
@@ -110,11 +129,14 @@ class LocalBatch:
     rewards: dict[str, np.ndarray] = field(default_factory=dict)
     advantages: np.ndarray | None = None
     mask: np.ndarray | None = None
+    pending_rewards: Future | None = None  # generated samples' rewards, being scored in a worker thread
 
 
 class GRPOTrainer:
     def __init__(self, params: Params, out_dir: str | Path, hardware: Hardware = Hardware(),
-                 accelerator=None):
+                 accelerator=None, policy: FlowPolicy | None = None):
+        """``policy``: a ready policy on the device instead of loading ``params.model.path`` (benchmarks of
+        random-initialised real-size architectures; the path then only names the model in fingerprints)."""
         from accelerate import Accelerator
 
         self.params = params
@@ -130,6 +152,14 @@ class GRPOTrainer:
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
+        # Every GPU of the node's allocation has exactly one training process (portraitgen/launch.py);
+        # only where CUDA exists (a CPU torch under a fake-GPU test allocation trains on the CPU).
+        from .launch import GPULayoutError, check_visible_gpus
+
+        try:
+            check_visible_gpus()
+        except GPULayoutError as exc:
+            raise TrainingSetupError(str(exc)) from None
         self._check_layout()
         # Cheap checks first, so a bad prompt file or reward name fails before the model loads.
         self.bank: ExemplarBank | None = None
@@ -150,18 +180,24 @@ class GRPOTrainer:
         embeddings = None
         if t_emb := params.train.prompt_embeddings:
             embeddings = EmbeddingCache(t_emb, model_fingerprint(params.model.family, params.model.path))
-        self.policy: FlowPolicy = load_policy(params.model.family, params.model.path, device=self.accelerator.device,
-                                              text_encoders=embeddings is None)
+        if policy is None:
+            policy = load_policy(params.model.family, params.model.path, device=self.accelerator.device,
+                                 text_encoders=embeddings is None)
+        self.policy: FlowPolicy = policy
         self.policy.freeze_all()
         t = params.train
         if t.finetune == "lora":
             self.policy.enable_lora(t.lora.rank, t.lora.alpha, t.lora.target_modules)
         else:
             self.policy.enable_full_finetune(keep_reference=t.kl_beta > 0)
+        self._apply_hardware_options()
         self.named_trainable = {n: p for n, p in self.policy.transformer.named_parameters() if p.requires_grad}
+        # One fused kernel for all (LoRA: hundreds of small) tensors on a GPU; the loop over tensors on a CPU.
+        fused = self.accelerator.device.type == "cuda" and all(
+            p.is_cuda and p.dtype == torch.float32 for p in self.named_trainable.values())
         self.optimizer = torch.optim.AdamW(list(self.named_trainable.values()), lr=t.lr,
                                            betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-                                           eps=t.adam_eps)
+                                           eps=t.adam_eps, **({"fused": True} if fused else {}))
         warmup = max(t.warmup_iterations, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
@@ -173,12 +209,15 @@ class GRPOTrainer:
         res = params.model.resolution
         self.latent_shape = self.policy.latent_shape(res, res)
         self.sigmas = self.policy.sigmas(params.sample.num_steps, res, res)
+        self._sigmas_dev = self.sigmas.to(self.accelerator.device)
         # Text encoders run once (here, or in the precompute stage): training only indexes these embeddings.
         if embeddings is None:
             embeddings = EmbeddingCache.from_policy(self.policy, self.prompts)
         dev = self.accelerator.device
-        self.cond_cache = embeddings.lookup(self.prompts, dev)
-        self.uncond = embeddings.lookup([""], dev) if self._cfg else None
+        # Stored in the transformer's input dtype: each forward pass would cast them to it anyway.
+        emb_dtype = self.policy.compute_dtype
+        self.cond_cache = embeddings.lookup(self.prompts, dev, dtype=emb_dtype)
+        self.uncond = embeddings.lookup([""], dev, dtype=emb_dtype) if self._cfg else None
         if ex.per_group > 0:
             self.bank = ExemplarBank(ex.index, sigmas=self.sigmas,
                                      model_fingerprint=model_fingerprint(params.model.family, params.model.path))
@@ -192,6 +231,25 @@ class GRPOTrainer:
         self.history: list[dict[str, float]] = []
         self.optimizer_steps = 0
         self.tracker: Tracker | None = None
+        # Phase timing of every iteration (CUDA events, no syncs); benchmarks switch memory tracking on.
+        self.timeline = PhaseTimeline(self.accelerator.device)
+        # One worker for rewards scored while the device computes, one for prefetching exemplar data.
+        self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="portraitgen-reward")
+        self._io_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="portraitgen-prefetch")
+        self._bank_lock = threading.Lock()
+        self._prefetched: Future | None = None
+
+    def _apply_hardware_options(self) -> None:
+        hw = self.hardware
+        if hw.mixed_precision != "no" and hw.low_precision_weights:
+            self.policy.cast_frozen(torch.bfloat16 if hw.mixed_precision == "bf16" else torch.float16)
+        if hw.mixed_precision != "no" and self.policy.finetune == "lora":
+            self.policy.lora_input_casts(False)  # autocast casts for the matmul anyway
+        if hw.gradient_checkpointing:
+            self.policy.enable_gradient_checkpointing()
+        if hw.compile:
+            # Shapes are few and fixed (rollout, training and reference batches), so no dynamic shapes.
+            self.policy.compile_transformer(dynamic=False)
 
     def _precomputed_exemplar_rewards(self, path: str) -> dict[int, dict[str, float]]:
         from .precompute import reward_config_hash
@@ -234,6 +292,10 @@ class GRPOTrainer:
                                      f"{per_proc} (train.global_batch_size={t.global_batch_size} / {w} processes)")
         self.micro_batch = mb
         self.accumulation = per_proc // mb
+        if self.hardware.rollout_micro_batch_size < 0:
+            raise TrainingSetupError(f"--rollout-batch-size must be >= 0, got {self.hardware.rollout_micro_batch_size}")
+        # No activations are kept without gradients: rollouts can run larger (more efficient) batches.
+        self.rollout_batch = self.hardware.rollout_micro_batch_size or mb
         self.local_samples = s.global_batch_size // w
 
     def _gscale(self) -> float:
@@ -244,8 +306,12 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ plan
     def plan(self, iteration: int) -> IterationPlan:
-        p = self.params
         self._iteration = iteration
+        return self._make_plan(iteration)
+
+    def _make_plan(self, iteration: int) -> IterationPlan:
+        """The iteration's plan, a pure function of ``(seed, iteration)``."""
+        p = self.params
         rng = np.random.default_rng([p.seed, iteration, 0])
         n_prompts = p.prompts_per_iteration
         prompt_ids = rng.choice(len(self.prompts), size=n_prompts, replace=len(self.prompts) < n_prompts)
@@ -284,75 +350,123 @@ class GRPOTrainer:
         return rows
 
     # ------------------------------------------------------------------ sample
-    @torch.no_grad()
-    def sample(self, iteration: int, plan: IterationPlan) -> LocalBatch:
-        p, G = self.params, self.params.sample.group_size
+    def _local_slots(self, plan: IterationPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(sample_index, group, prompt_ids, exemplar_rows)`` of this process's samples."""
+        G = self.params.sample.group_size
         idx = np.arange(self.rank * self.local_samples, (self.rank + 1) * self.local_samples)
         group = idx // G
-        prompt_ids = plan.prompt_ids[group]
         ex_rows = (plan.exemplar_rows[group, idx % G] if plan.exemplar_rows is not None
                    else np.full(len(idx), -1, dtype=np.int64))
+        return idx, group, plan.prompt_ids[group], ex_rows
+
+    @torch.no_grad()
+    def sample(self, iteration: int, plan: IterationPlan) -> LocalBatch:
+        p = self.params
+        dev, tl = self.accelerator.device, self.timeline
+        idx, group, prompt_ids, ex_rows = self._local_slots(plan)
         n, T = len(idx), p.sample.num_steps
-        latents = torch.empty(n, T + 1, *self.latent_shape, device=self.accelerator.device)
-        log_probs = torch.zeros(n, T, device=self.accelerator.device)
-        images: list[torch.Tensor | None] = [None] * n
+        latents = torch.empty(n, T + 1, *self.latent_shape, device=dev)
+        log_probs = torch.zeros(n, T, device=dev)
+        images: list[torch.Tensor | None] = [None] * n  # on the host, where rewards read them
         trainable = torch.zeros(n, T, dtype=torch.bool)
         stochastic = plan.stochastic
-        gen = np.flatnonzero(ex_rows < 0)
-        for lo in range(0, len(gen), self.micro_batch):
-            pos = gen[lo:lo + self.micro_batch]
+        gen, ex = np.flatnonzero(ex_rows < 0), np.flatnonzero(ex_rows >= 0)
+        # Index tensors go to the device once; micro-batches slice them there (no copy, no wait).
+        gen_dev = to_device_async(torch.as_tensor(gen), dev)
+        prompts_dev = to_device_async(torch.as_tensor(prompt_ids), dev)
+        ex_data = self._exemplar_data(ex_rows[ex]) if len(ex) else None  # usually prefetched already
+        tl.switch("rollout")
+        for lo in range(0, len(gen), self.rollout_batch):
+            pos = gen[lo:lo + self.rollout_batch]
+            pos_dev = gen_dev[lo:lo + len(pos)]
             gens = [seeded_generator(p.seed, iteration, int(idx[i]), 1) for i in pos]
-            start = randn_per_sample(self.latent_shape, gens, self.accelerator.device)
-            cond = cond_select(self.cond_cache, prompt_ids[pos])
+            start = randn_per_sample(self.latent_shape, gens, dev)
+            cond = cond_select(self.cond_cache, prompts_dev[pos_dev])
             with self._autocast():
                 traj: Trajectory = rollout(self.policy, cond, start, self.sigmas, step_type=p.sample.step_type,
                                            noise_level=p.sample.noise_level, generators=gens,
                                            uncond=self._uncond_like(len(pos)), guidance_scale=self._gscale(),
                                            stochastic=plan.stochastic)
             stochastic = traj.stochastic
-            latents[pos], log_probs[pos] = traj.latents, traj.log_probs
+            latents.index_copy_(0, pos_dev, traj.latents)
+            log_probs.index_copy_(0, pos_dev, traj.log_probs)
             trainable[pos] = traj.stochastic
-            for i, img in zip(pos, self.policy.decode(traj.final)):
+            decoded = self.policy.decode(traj.final)
+            # Asynchronous copy to pinned host memory; read only after `gen_done` (below).
+            host = decoded.to("cpu", non_blocking=True) if decoded.is_cuda else decoded
+            for i, img in zip(pos, host):
                 images[i] = img
-        ex = np.flatnonzero(ex_rows >= 0)
-        for lo in range(0, len(ex), self.micro_batch):
-            pos = ex[lo:lo + self.micro_batch]
-            trajs = [self.bank.trajectory(int(ex_rows[i])) for i in pos]
-            lat = torch.stack([t[0] for t in trajs]).to(self.accelerator.device)
+        gen_done = _record_event(dev)
+        pending = None
+        if len(ex) and len(gen):  # score the generated images while the device computes the exemplars
+            pending = self._reward_pool.submit(self._score_generated, gen_done, [images[i] for i in gen],
+                                               prompt_ids[gen], idx[gen], group[gen])
+        if len(ex):
+            lat, ex_trainable, ex_images = ex_data
+            ex_dev = to_device_async(torch.as_tensor(ex), dev)
+            lat = to_device_async(lat, dev)
+            latents.index_copy_(0, ex_dev, lat)
             # Exemplars are trained where the rollouts are (window mode) and where their own path allows.
-            trainable[pos] = torch.stack([t[1] for t in trajs]) & plan.stochastic
-            latents[pos] = lat
-            # logp_old under the current rollout policy, so an exemplar's first ratio is exactly 1.
-            log_probs[pos] = self._transition_log_probs(lat, prompt_ids[pos], trainable[pos])
-            for i in pos:
-                images[i] = self._exemplar_image(int(ex_rows[i]))
+            trainable[ex] = ex_trainable & plan.stochastic
+            for i, img in zip(ex, ex_images):
+                images[i] = img
+            tl.switch("exemplar_logp")
+            # logp_old under the current rollout policy (an exemplar's first ratio is 1), at the steps it
+            # will be trained on: the others are never read.
+            steps = [self._steps_for(iteration, int(idx[i]), trainable[i]) for i in ex]
+            log_probs.index_copy_(0, ex_dev, self._transition_log_probs(lat, prompts_dev[ex_dev], steps))
+        if gen_done is not None:
+            gen_done.synchronize()  # the generated images are on the host
         return LocalBatch(sample_index=idx, group=group, prompt_ids=prompt_ids, latents=latents,
                           log_probs=log_probs, stochastic=stochastic, images=torch.stack(images),
-                          trainable=trainable, exemplar_rows=ex_rows)
+                          trainable=trainable, exemplar_rows=ex_rows, pending_rewards=pending)
 
     @torch.no_grad()
-    def _transition_log_probs(self, latents: torch.Tensor, prompt_ids: np.ndarray,
-                              trainable: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        cond = cond_select(self.cond_cache, prompt_ids)
-        out = torch.zeros(latents.shape[0], latents.shape[1] - 1, device=latents.device)
+    def _transition_log_probs(self, latents: torch.Tensor, prompt_ids: torch.Tensor,
+                              steps: list[torch.Tensor]) -> torch.Tensor:
+        """Log-probs ``[E, T]`` of the transitions ``steps[e]`` of trajectories ``latents`` ``[E, T+1, ...]``
+        under the current policy (0 elsewhere). (exemplar, step) pairs are batched across steps: each
+        forward pass is a full micro-batch, whatever the steps of each exemplar."""
+        p, dev = self.params, latents.device
+        out = torch.zeros(latents.shape[0], latents.shape[1] - 1, device=dev)
+        rows = [r for r, st in enumerate(steps) for _ in range(len(st))]
+        if not rows:
+            return out
+        r_all = to_device_async(torch.tensor(rows), dev)
+        s_all = to_device_async(torch.cat([st.long() for st in steps]), dev)
         sigma_max = float(self.sigmas[1])
-        for i in range(latents.shape[1] - 1):
-            if not trainable[:, i].any():
-                continue
+        for lo in range(0, len(rows), self.rollout_batch):
+            r, j = r_all[lo:lo + self.rollout_batch], s_all[lo:lo + self.rollout_batch]
+            x, x_next = latents[r, j], latents[r, j + 1]
+            sig, sig_next = self._sigmas_dev[j], self._sigmas_dev[j + 1]
+            cond = cond_select(self.cond_cache, prompt_ids[r])
             with self._autocast():
-                v = self.policy.predict_velocity(latents[:, i], float(self.sigmas[i]), cond,
-                                                 self._uncond_like(len(prompt_ids)), self._gscale())
-            step = stochastic_step(latents[:, i], v, float(self.sigmas[i]), float(self.sigmas[i + 1]),
-                                   p.sample.step_type, p.sample.noise_level, sigma_max, prev_sample=latents[:, i + 1])
-            out[:, i] = torch.where(trainable[:, i].to(out.device), step.log_prob, torch.zeros_like(step.log_prob))
+                v = self.policy.predict_velocity(x, sig, cond, self._uncond_like(x.shape[0]), self._gscale())
+            step = stochastic_step(x, v, sig, sig_next, p.sample.step_type, p.sample.noise_level, sigma_max,
+                                   prev_sample=x_next)
+            out[r, j] = step.log_prob
         return out
+
+    def _exemplar_data(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """``(latents [E, T+1, ...], trainable [E, T], images)`` of exemplar rows, on the host."""
+        with self._bank_lock:
+            trajs = [self.bank.trajectory(int(r)) for r in rows]
+            images = [self._exemplar_image(int(r)) for r in rows]
+        return torch.stack([t[0] for t in trajs]), torch.stack([t[1] for t in trajs]), images
+
+    def _prefetch(self, iteration: int) -> None:
+        """Load the exemplar data of ``iteration`` in the background (shards are read once and kept)."""
+        if self.bank is None or iteration >= self.params.train.iterations:
+            return
+        _, _, _, ex_rows = self._local_slots(self._make_plan(iteration))
+        if (ex_rows >= 0).any():
+            self._prefetched = self._io_pool.submit(self._exemplar_data, ex_rows[ex_rows >= 0])
 
     def _exemplar_image(self, row: int) -> torch.Tensor:
         """The real image an exemplar trajectory ends on (read once; it is what gets scored)."""
         if row not in self._exemplar_images:
             path = self.bank.index["image_file"].iloc[row]
-            self._exemplar_images[row] = load_image(path, self.params.model.resolution).to(self.accelerator.device)
+            self._exemplar_images[row] = load_image(path, self.params.model.resolution)
         return self._exemplar_images[row]
 
     def _uncond_like(self, n: int):
@@ -361,6 +475,14 @@ class GRPOTrainer:
         return {k: v.expand(n, *v.shape[1:]) for k, v in self.uncond.items()}
 
     # ------------------------------------------------------------------ score
+    def _score_generated(self, done, images: list[torch.Tensor], prompt_ids: np.ndarray, sample_index: np.ndarray,
+                         group: np.ndarray) -> dict[str, np.ndarray]:
+        """Rewards of generated images (run in the reward worker while the device keeps computing)."""
+        if done is not None:
+            done.synchronize()  # their asynchronous copies to the host have landed
+        meta = [{"group": int(g), "sample_index": int(i), "exemplar": False} for g, i in zip(group, sample_index)]
+        return self.rewards(torch.stack(images), [self.prompts[i] for i in prompt_ids], meta)
+
     def score(self, batch: LocalBatch) -> None:
         """Rewards of generated images; exemplars' are computed once and reused (their image is fixed)."""
         prompts = [self.prompts[i] for i in batch.prompt_ids]
@@ -371,6 +493,11 @@ class GRPOTrainer:
         if len(ex) == 0:
             batch.rewards = self.rewards(batch.images, prompts, meta)
             return
+        gen_scores = None
+        if len(gen):  # first, so the reward worker is done before this thread scores anything
+            gen_scores = (batch.pending_rewards.result() if batch.pending_rewards is not None else
+                          self.rewards(batch.images[gen], [prompts[i] for i in gen], [meta[i] for i in gen]))
+            batch.pending_rewards = None
         new = [i for i in ex if int(batch.exemplar_rows[i]) not in self._exemplar_rewards]
         if new:
             scored = self.rewards(batch.images[new], [prompts[i] for i in new], [meta[i] for i in new])
@@ -378,10 +505,9 @@ class GRPOTrainer:
                 self._exemplar_rewards[int(batch.exemplar_rows[i])] = {n: float(v[k]) for n, v in scored.items()}
         names = list(self.rewards.weights) + ["total"]
         out = {n: np.zeros(len(prompts), dtype=np.float32) for n in names}
-        if len(gen):
-            scored = self.rewards(batch.images[gen], [prompts[i] for i in gen], [meta[i] for i in gen])
+        if gen_scores is not None:
             for n in names:
-                out[n][gen] = scored[n]
+                out[n][gen] = gen_scores[n]
         for i in ex:
             for n in names:
                 out[n][i] = self._exemplar_rewards[int(batch.exemplar_rows[i])][n]
@@ -438,16 +564,9 @@ class GRPOTrainer:
         Samples may have different numbers of trainable transitions (an exemplar's last bridge step is
         deterministic); rows are padded to the longest and ``valid`` marks the real entries.
         """
-        ts = self.params.train.trained_steps
-        rows, counts = [], []
-        for i, trainable in zip(batch.sample_index, batch.trainable):
-            steps = torch.nonzero(trainable).flatten()
-            if ts.mode == "fraction" and len(steps):
-                k = max(1, math.ceil(ts.fraction * len(steps)))
-                g = seeded_generator(self.params.seed, iteration, int(i), 2)
-                steps = steps[torch.randperm(len(steps), generator=g)[:k]].sort().values
-            rows.append(steps)
-            counts.append(len(steps))
+        rows = [self._steps_for(iteration, int(i), trainable)
+                for i, trainable in zip(batch.sample_index, batch.trainable)]
+        counts = [len(r) for r in rows]
         K = max(counts)
         out = torch.zeros(len(rows), K, dtype=torch.long)
         valid = torch.zeros(len(rows), K, dtype=torch.bool)
@@ -456,37 +575,43 @@ class GRPOTrainer:
             valid[r, :len(steps)] = True
         return out, valid
 
+    def _steps_for(self, iteration: int, sample_index: int, trainable: torch.Tensor) -> torch.Tensor:
+        """The transitions sample ``sample_index`` is trained on (a function of seed, iteration, sample)."""
+        ts = self.params.train.trained_steps
+        steps = torch.nonzero(trainable).flatten()
+        if ts.mode == "fraction" and len(steps):
+            k = max(1, math.ceil(ts.fraction * len(steps)))
+            g = seeded_generator(self.params.seed, iteration, sample_index, 2)
+            steps = steps[torch.randperm(len(steps), generator=g)[:k]].sort().values
+        return steps
+
     def train(self, iteration: int, batch: LocalBatch) -> dict[str, float]:
         p, t = self.params, self.params.train
-        dev = self.accelerator.device
+        dev, tl = self.accelerator.device, self.timeline
         steps, valid = self.trained_steps(iteration, batch)
-        steps, valid = steps.to(dev), valid.to(dev, torch.float32)
         K = steps.shape[1]
         if K == 0:
             raise TrainingSetupError("no stochastic step to train: check train.trained_steps and sample.step_type")
-        sigmas = self.sigmas.to(dev)
+        # Everything the step loop indexes is on the device before it starts: the loop never waits for it.
+        steps, valid = to_device_async(steps, dev), to_device_async(valid, dev).float()
+        sigmas = self._sigmas_dev
         sigma_max = float(self.sigmas[1])
-        adv = torch.as_tensor(batch.advantages, device=dev)
-        mask = torch.as_tensor(batch.mask, device=dev, dtype=torch.float32)
-        is_ex = torch.as_tensor(batch.exemplar_rows >= 0, device=dev)
+        adv = to_device_async(torch.as_tensor(batch.advantages), dev)
+        mask = to_device_async(torch.as_tensor(batch.mask), dev).float()
+        is_ex = to_device_async(torch.as_tensor(batch.exemplar_rows >= 0), dev)
+        prompt_ids = to_device_async(torch.as_tensor(batch.prompt_ids), dev)
         track_kinds = self.bank is not None
-        acc: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "kl", "approx_kl", "clip_fraction",
-                                                       "ratio_mean", "grad_norm")}
-        kinds: dict[str, list[float]] = {}
-
-        def note(key: str, values: torch.Tensor, weights: torch.Tensor) -> None:
-            if float(weights.sum()) > 0:
-                kinds.setdefault(key, []).append(float((values * weights).sum() / weights.sum()))
+        stats = _DeviceStats()  # per-step statistics stay on the device until the end of the phase
 
         self.policy.transformer.train()
         for epoch in range(t.num_inner_epochs):
             g = seeded_generator(p.seed, iteration, self.rank, 3, epoch)
-            order = torch.randperm(len(batch.sample_index), generator=g).to(dev)
+            order = to_device_async(torch.randperm(len(batch.sample_index), generator=g), dev)
             n_micro = len(order) // self.micro_batch
             for m in range(n_micro):
                 b = order[m * self.micro_batch:(m + 1) * self.micro_batch]
-                cond = cond_select(self.cond_cache, torch.as_tensor(batch.prompt_ids)[b.cpu()])
-                uncond = self._uncond_like(len(b))
+                cond = cond_select(self.cond_cache, prompt_ids[b])
+                uncond = self._uncond_like(self.micro_batch)
                 sync_now = (m + 1) % self.accumulation == 0
                 for k in range(K):
                     j = steps[b, k]
@@ -499,7 +624,7 @@ class GRPOTrainer:
                         with self._autocast():
                             v = self.policy.predict_velocity(x, sig, cond, uncond, self._gscale())
                         if track_kinds and v.requires_grad:
-                            v.register_hook(velocity_grad_logger(note, is_ex[b], w))
+                            v.register_hook(velocity_grad_logger(stats.note, is_ex[b], w))
                         out = stochastic_step(x, v, sig, sig_next, p.sample.step_type, p.sample.noise_level,
                                               sigma_max, prev_sample=x_next)
                         old_lp = batch.log_probs[b, j]
@@ -518,33 +643,35 @@ class GRPOTrainer:
                         loss = (per_sample * w).mean() / (self.accumulation * K)
                         self.accelerator.backward(loss)
                     with torch.no_grad():
-                        acc["loss"].append(float(loss) * self.accumulation * K)
-                        acc["policy_loss"].append(float((pg * w).mean()))
-                        acc["kl"].append(float(kl.mean()))
-                        acc["approx_kl"].append(float(0.5 * ((out.log_prob - old_lp) ** 2).mean()))
-                        acc["clip_fraction"].append(float(((ratio - 1).abs() > t.clip_range).float().mean()))
-                        acc["ratio_mean"].append(float(ratio.mean()))
+                        stats.add("loss", loss, scale=self.accumulation * K)
+                        stats.add("policy_loss", (pg * w).mean())
+                        stats.add("kl", kl.mean())
+                        stats.add("approx_kl", 0.5 * ((out.log_prob - old_lp) ** 2).mean())
+                        stats.add("clip_fraction", ((ratio - 1).abs() > t.clip_range).float().mean())
+                        stats.add("ratio_mean", ratio.mean())
                         if track_kinds:
                             for kind, sel in (("exemplar", is_ex[b]), ("generated", ~is_ex[b])):
                                 ws = valid[b, k] * sel
-                                note(f"{kind}/ratio_mean", ratio, ws)
-                                note(f"{kind}/policy_loss", pg, ws * mask[b])
-                                note(f"{kind}/approx_kl", 0.5 * (out.log_prob - old_lp) ** 2, ws)
+                                stats.note(f"{kind}/ratio_mean", ratio, ws)
+                                stats.note(f"{kind}/policy_loss", pg, ws * mask[b])
+                                stats.note(f"{kind}/approx_kl", 0.5 * (out.log_prob - old_lp) ** 2, ws)
                 if sync_now:
-                    grad_norm = self.accelerator.clip_grad_norm_(list(self.named_trainable.values()),
-                                                                 t.max_grad_norm)
-                    acc["grad_norm"].append(float(grad_norm))
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.optimizer_steps += 1
-                    if self.ema is not None:
-                        self.ema.update(self.named_trainable)
+                    with tl.phase("optimizer"):
+                        grad_norm = self.accelerator.clip_grad_norm_(list(self.named_trainable.values()),
+                                                                     t.max_grad_norm)
+                        stats.add("grad_norm", grad_norm)
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.optimizer_steps += 1
+                        if self.ema is not None:
+                            self.ema.update(self.named_trainable)
         self.policy.transformer.eval()
-        stats = {f"train/{k}": float(np.mean(v)) for k, v in acc.items() if v}
-        stats.update({k: float(np.mean(v)) for k, v in kinds.items()})
-        stats["train/lr"] = float(self.scheduler.get_last_lr()[0])
-        return stats
+        means = stats.means()  # the phase's one wait for the device
+        out_stats = {f"train/{k}": v for k, v in means.items() if "/" not in k}
+        out_stats.update({k: v for k, v in means.items() if "/" in k})
+        out_stats["train/lr"] = float(self.scheduler.get_last_lr()[0])
+        return out_stats
 
     # ------------------------------------------------------------------ log / checkpoint
     def _trainable_cpu(self) -> dict[str, torch.Tensor]:
@@ -592,6 +719,12 @@ class GRPOTrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             _atomic_write(self.out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
 
+    def _append_history(self, record: dict[str, float]) -> None:
+        """One line per iteration (rewriting the whole file each time grows with the run's length)."""
+        if self.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     def _truncate_samples(self) -> None:
         """Keep only samples.jsonl rows of iterations before ``start_iteration`` (resume)."""
         path = self.out_dir / "samples.jsonl"
@@ -621,33 +754,30 @@ class GRPOTrainer:
         p = self.params
         run_id = self.maybe_resume()
         self.tracker = Tracker(p.tracking, stage="train", active=self.is_main, run_id=run_id,
-                               params=flatten(params_to_dict(p)) | {"hardware.world_size": self.world,
-                                                                    "hardware.micro_batch": self.micro_batch},
+                               params=flatten(params_to_dict(p)) | self._hardware_params(),
                                tags={"portraitgen.model_family": p.model.family})
         status = "FAILED"
+        tl = self.timeline
         try:
             self._write_history()
             self._truncate_samples()
             bar = tqdm(range(self.start_iteration, p.train.iterations), desc="GRPO", disable=not self.is_main,
                        initial=self.start_iteration, total=p.train.iterations)
             for it in bar:
-                times: dict[str, float] = {}
-                t0 = time.perf_counter()
+                tl.start("data")
                 plan = self.plan(it)
-                batch = self.sample(it, plan)
-                times["time/sample"] = time.perf_counter() - t0
-                t1 = time.perf_counter()
+                batch = self.sample(it, plan)  # data -> rollout -> exemplar_logp
+                tl.switch("reward")
                 self.score(batch)
-                times["time/score"] = time.perf_counter() - t1
+                tl.switch("advantage")
                 stats = self.compute_advantages(batch)
-                t2 = time.perf_counter()
+                tl.switch("train_fwd_bwd")
                 if batch.mask is not None and self._any_valid():
-                    stats |= self.train(it, batch)
-                times["time/train"] = time.perf_counter() - t2
-                times["time/iteration"] = time.perf_counter() - t0
-                record = {"iteration": it, **stats, **times}
+                    stats |= self.train(it, batch)  # train_fwd_bwd with optimizer spans inside
+                tl.switch("log")
+                self._prefetch(it + 1)
+                record = {"iteration": it, **stats, **self._phase_times(tl.elapsed())}
                 self.history.append(record)
-                self._write_history()
                 self._append_samples(it)
                 self.tracker.log_metrics({k: v for k, v in record.items() if k != "iteration"}, step=it)
                 self._log_grid(it, batch)
@@ -655,12 +785,39 @@ class GRPOTrainer:
                     bar.set_postfix(reward=f"{stats['reward/mean']:.4f}", kl=f"{stats.get('train/kl', 0):.2e}")
                 last = it == p.train.iterations - 1
                 if (it + 1) % p.train.checkpoint_every == 0 or last:
+                    tl.switch("checkpoint")
                     self.save_checkpoint(it)
+                # Logging and checkpointing end after the MLflow call: their times (and the whole wall time)
+                # reach metrics.jsonl only.
+                times = tl.stop()
+                record.update({"time/log": times.get("log", 0.0), "time/checkpoint": times.get("checkpoint", 0.0),
+                               "time/wall": times["iteration"]})
+                self._append_history(record)
             summary = self.finish()
             status = "FINISHED"
             return summary
         finally:
             self.tracker.end(status)
+            self._reward_pool.shutdown(wait=True)
+            self._io_pool.shutdown(wait=True)
+
+    def _hardware_params(self) -> dict[str, Any]:
+        hw = self.hardware
+        return {"hardware.world_size": self.world, "hardware.micro_batch": self.micro_batch,
+                "hardware.rollout_batch": self.rollout_batch, "hardware.mixed_precision": hw.mixed_precision,
+                "hardware.low_precision_weights": hw.low_precision_weights, "hardware.compile": hw.compile,
+                "hardware.gradient_checkpointing": hw.gradient_checkpointing}
+
+    @staticmethod
+    def _phase_times(times: dict[str, float]) -> dict[str, float]:
+        """``time/<phase>`` of the phases before logging, their sum ``time/iteration``, and the coarse
+        ``time/sample`` (data + rollout + exemplar log-probs), ``time/score`` and ``time/train``."""
+        out = {f"time/{k}": v for k, v in times.items() if k != "iteration"}
+        out["time/sample"] = sum(times.get(k, 0.0) for k in ("data", "rollout", "exemplar_logp"))
+        out["time/score"] = times.get("reward", 0.0)
+        out["time/train"] = times.get("train_fwd_bwd", 0.0) + times.get("optimizer", 0.0)
+        out["time/iteration"] = sum(v for k, v in times.items() if k != "iteration")
+        return out
 
     def _any_valid(self) -> bool:
         _, _, adv = self._last_gathered
@@ -686,6 +843,48 @@ class GRPOTrainer:
         return summary
 
 
+class _DeviceStats:
+    """Training statistics accumulated as device tensors and read once, at the end of the train phase
+    (a ``float()`` per step would make the host wait for the device at every step).
+
+    ``means()`` gives exactly what averaging the per-step Python floats gave: the per-step values are
+    float32 scalars, averaged on the host in float64.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[torch.Tensor]] = {}
+        self._scale: dict[str, float] = {}
+        self._notes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def add(self, key: str, value: torch.Tensor | float, scale: float = 1.0) -> None:
+        value = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        self._values.setdefault(key, []).append(value.float().reshape(()))
+        self._scale[key] = scale
+
+    @staticmethod
+    def _host(values: list[torch.Tensor]) -> np.ndarray:
+        if len({v.device for v in values}) > 1:
+            values = [v.cpu() for v in values]
+        return torch.stack(values).cpu().numpy()  # one copy from the device per statistic
+
+    def note(self, key: str, values: torch.Tensor, weights: torch.Tensor) -> None:
+        """A weighted mean over the samples of one step; steps whose weights sum to 0 are left out."""
+        values, weights = values.detach(), weights.detach()
+        self._notes.setdefault(key, []).append(((values * weights).sum() / weights.sum(), weights.sum()))
+
+    def means(self) -> dict[str, float]:
+        out = {}
+        for key, vals in self._values.items():
+            out[key] = float(np.mean([float(v) * self._scale[key] for v in self._host(vals)]))
+        for key, pairs in self._notes.items():
+            ratios = self._host([r.float() for r, _ in pairs])
+            weights = self._host([w.float() for _, w in pairs])
+            kept = [float(r) for r, w in zip(ratios, weights) if float(w) > 0]
+            if kept:
+                out[key] = float(np.mean(kept))
+        return out
+
+
 def velocity_grad_logger(note, is_exemplar: torch.Tensor, weights: torch.Tensor):
     """A backward hook on the predicted velocity: the gradient norm reaching each sample, logged for
     exemplars and generated samples separately (their share of the learning signal)."""
@@ -696,6 +895,15 @@ def velocity_grad_logger(note, is_exemplar: torch.Tensor, weights: torch.Tensor)
         note("generated/velocity_grad_norm", norms, weights * ~is_exemplar)
 
     return hook
+
+
+def _record_event(device: torch.device):
+    """A CUDA event marking the work queued so far (None on a CPU, where work is already done)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _atomic_write(path: Path, text: str) -> None:

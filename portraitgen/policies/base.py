@@ -55,6 +55,28 @@ def cond_batch_size(cond: Conditioning) -> int:
     return next(iter(cond.values())).shape[0]
 
 
+def _cache_processor_signatures(transformer: torch.nn.Module) -> None:
+    """Memoise ``inspect.signature`` of the attention processors' ``__call__``.
+
+    diffusers' ``Attention.forward`` (and FLUX's) computes the processor's call signature on every call, to
+    warn about unused keyword arguments: ~40 % of the time of an attention call on the tiny models, a few
+    percent of a CPU iteration. ``inspect.signature`` returns a function's ``__signature__`` when it has one,
+    so storing the (immutable) signature there changes nothing but the cost.
+    """
+    import inspect
+
+    procs = getattr(transformer, "attn_processors", None)
+    if not isinstance(procs, dict):
+        return
+    for cls in {type(p) for p in procs.values()}:
+        fn = getattr(cls, "__call__", None)
+        if inspect.isfunction(fn) and "__signature__" not in fn.__dict__:
+            try:
+                fn.__signature__ = inspect.signature(fn)
+            except (TypeError, ValueError):  # not introspectable: leave it alone
+                pass
+
+
 class ModelPathError(FileNotFoundError):
     """The configured model folder does not exist or is not a diffusers pipeline of the right family."""
 
@@ -66,6 +88,9 @@ class FlowPolicy(ABC):
     pipeline_class: ClassVar[type]
     # Attention projections that get LoRA adapters by default (names as peft matches them).
     default_lora_targets: ClassVar[tuple[str, ...]]
+    # Class names of the transformer's repeated blocks (regional compilation), when the model does not list
+    # them itself in ``_repeated_blocks``.
+    repeated_blocks: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipeline, device: torch.device | str = "cpu"):
         self.pipeline = pipeline
@@ -77,6 +102,7 @@ class FlowPolicy(ABC):
         self.denoiser: torch.nn.Module = self.transformer
         self.finetune: str | None = None
         self._reference_transformer: torch.nn.Module | None = None
+        _cache_processor_signatures(self.transformer)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -114,6 +140,19 @@ class FlowPolicy(ABC):
     @property
     def vae(self) -> torch.nn.Module:
         return self.pipeline.vae
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the transformer's inputs are cast to: its first floating parameter's, as diffusers'
+        ``ModelMixin.dtype`` reports it, without that property's walk over every submodule (about a
+        millisecond per call on a large model, once per forward pass)."""
+        module = self.transformer
+        if getattr(module, "_keep_in_fp32_modules", None):
+            return module.dtype
+        for p in module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return module.dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -172,9 +211,12 @@ class FlowPolicy(ABC):
         batched call (conditional and unconditional halves), as the diffusers pipelines do."""
         module = self.denoiser if module is None else module
         b = latents.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(b)
+        if isinstance(sigma, torch.Tensor):
+            sigma = sigma.to(device=latents.device, dtype=torch.float32)
+            if sigma.ndim == 0:
+                sigma = sigma.expand(b)
+        else:  # a fill on the device: no host-to-device copy, so no wait for the device
+            sigma = torch.full((b,), float(sigma), dtype=torch.float32, device=latents.device)
         if uncond is None or guidance_scale == 1.0:
             return self._velocity(module, latents, sigma, cond)
         both = cond_cat([uncond, cond])
@@ -203,6 +245,7 @@ class FlowPolicy(ABC):
             if p.requires_grad:
                 p.data = p.data.float()
         self.finetune = "lora"
+        self.__dict__.pop("_lora_layer_cache", None)
 
     def enable_full_finetune(self, keep_reference: bool) -> None:
         """Train every transformer weight; keep a frozen copy as the KL reference when it is used."""
@@ -210,6 +253,71 @@ class FlowPolicy(ABC):
             self._reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
         self.transformer.requires_grad_(True)
         self.finetune = "full"
+
+    # ---------------------------------------------------------------- hardware options (never change what is computed)
+    def cast_frozen(self, dtype: torch.dtype) -> None:
+        """Store the frozen transformer weights and the VAE in ``dtype`` (bf16/fp16 runs).
+
+        Under autocast every matmul casts its weights to the autocast dtype anyway; frozen weights kept in
+        float32 are cast again at every forward pass (autocast caches casts of trainable leaves only). Stored
+        in low precision they take half the memory and no cast. Trainable weights stay float32.
+        """
+        for module in (self.transformer, self._reference_transformer):
+            if module is not None:
+                for p in module.parameters():
+                    if not p.requires_grad and p.is_floating_point():
+                        p.data = p.data.to(dtype)
+        self.vae.to(dtype)  # never trained; decode/encode cast their inputs to its dtype
+
+    def lora_input_casts(self, enabled: bool) -> None:
+        """peft casts each LoRA layer's input to the adapter's dtype (float32) before ``lora_A``; under
+        autocast the matmul casts it straight back to bf16/fp16. Without the cast the result is the same
+        (the bf16 -> fp32 -> bf16 round trip is exact) and two full-size copies of every adapted layer's
+        input are saved; ``enabled=False`` is for autocast runs only."""
+        for layer in self._lora_layers():
+            layer.cast_input_dtype_enabled = enabled
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each transformer block's activations in the backward pass (diffusers' checkpointing):
+        activation memory of one block instead of all, for ~1/3 more transformer compute in training."""
+        if not getattr(self.transformer, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(self.transformer).__name__} does not support gradient checkpointing")
+        self.transformer.enable_gradient_checkpointing()
+
+    def compile_transformer(self, regional: bool = True, **options) -> None:
+        """``torch.compile`` the transformer in place (``nn.Module.compile``: parameter names, LoRA export and
+        checkpoints are unchanged). The first calls of each shape and grad mode compile.
+
+        ``regional`` (default) compiles each repeated block (:attr:`repeated_blocks`, or the model's own
+        ``_repeated_blocks``) rather than the whole model: the blocks share their code, so compilation takes
+        a fraction of the time (design.md §8: ~140 s for the whole SD3.5-medium transformer) for most of
+        the speed-up; the glue around them (embeddings, final layer) stays eager.
+        """
+        import torch._dynamo
+
+        # One graph per block structure (e.g. SD3.5's dual-attention, plain and last blocks) and per call kind
+        # (rollout: no grad, adapters on; training: grad; KL reference: adapters off; each at its batch size):
+        # more than dynamo's default 8 per code object, past which it silently runs the rest eagerly.
+        cfg = torch._dynamo.config
+        for limit in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, limit):
+                setattr(cfg, limit, max(getattr(cfg, limit), 64))
+        names = tuple(getattr(self.transformer, "_repeated_blocks", None) or self.repeated_blocks)
+        if regional and names:
+            blocks = [m for m in self.transformer.modules() if type(m).__name__ in names]
+            for block in blocks:
+                block.compile(**options)
+            if blocks:
+                return
+        self.transformer.compile(**options)
+
+    def compiled_modules(self) -> list[torch.nn.Module]:
+        return [m for m in self.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+    def attention_processors(self) -> list[str]:
+        """Class names of the transformer's attention processors (all use SDPA unless a family says otherwise)."""
+        procs = getattr(self.transformer, "attn_processors", None)
+        return sorted({type(p).__name__ for p in procs.values()}) if isinstance(procs, dict) else []
 
     def offload_text_encoders(self) -> None:
         """Move the text encoders to the CPU: once prompts are embedded, training never calls them, and
@@ -236,13 +344,27 @@ class FlowPolicy(ABC):
     def reference(self) -> Iterator[None]:
         """Within this context the bare transformer behaves as the frozen base (LoRA disabled)."""
         if self.finetune == "lora":
-            self.transformer.disable_adapters()
+            # What diffusers' disable_adapters()/enable_adapters() do, on a cached list of the LoRA layers:
+            # they walk every submodule on each call (twice per training step for the KL reference).
+            layers = self._lora_layers()
+            for layer in layers:
+                layer.enable_adapters(False)
             try:
                 yield
             finally:
-                self.transformer.enable_adapters()
+                for layer in layers:
+                    layer.enable_adapters(True)
         else:
             yield
+
+    def _lora_layers(self) -> list[torch.nn.Module]:
+        cached = self.__dict__.get("_lora_layer_cache")
+        if cached is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            cached = [m for m in self.transformer.modules() if isinstance(m, BaseTunerLayer)]
+            self.__dict__["_lora_layer_cache"] = cached
+        return cached
 
     @property
     def has_reference(self) -> bool:

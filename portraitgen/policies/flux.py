@@ -112,12 +112,21 @@ class FluxPolicy(FlowPolicy):
         return x.reshape(b, c, h, w)
 
     # ---------------------------------------------------------------- velocity
+    def _image_ids(self, h: int, w: int, device, dtype) -> torch.Tensor:
+        """The packed latent's position ids, built once per shape: the pipeline's helper builds them on the
+        host and copies them to the device, which would make every forward pass wait for the device."""
+        cache = self.__dict__.setdefault("_image_ids_cache", {})
+        key = (h, w, str(device), dtype)
+        if key not in cache:
+            cache[key] = FluxPipeline._prepare_latent_image_ids(1, h, w, device, dtype)
+        return cache[key]
+
     def _velocity(self, module, latents, sigma, cond):
-        dtype = self.transformer.dtype
+        dtype = self.compute_dtype
         device = latents.device
         b, _, h, w = latents.shape
         embeds = cond["prompt_embeds"].to(dtype)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+        img_ids = self._image_ids(h // 2, w // 2, device, dtype)
         txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:

@@ -17,6 +17,7 @@ class SD3Policy(FlowPolicy):
     family = "sd3"
     pipeline_class = StableDiffusion3Pipeline
     default_lora_targets = MMDIT_LORA_TARGETS
+    repeated_blocks = ("JointTransformerBlock",)
     # T5 tokens per prompt; Flow-GRPO's SD3 setting (portrait captions fit; the pipeline default is 256).
     max_sequence_length = 128
 
@@ -57,8 +58,10 @@ class SD3Policy(FlowPolicy):
         return scheduler.sigmas.float().cpu()
 
     def _velocity(self, module, latents, sigma, cond):
-        dtype = self.transformer.dtype
-        out = module(hidden_states=latents.to(dtype), timestep=sigma.to(dtype) * 1000,
+        dtype = self.compute_dtype
+        # The timestep stays float32 (as in the diffusers pipeline): in bf16, sigma * 1000 would be rounded
+        # to ~4 units before the sinusoidal embedding.
+        out = module(hidden_states=latents.to(dtype), timestep=sigma.float() * 1000,
                      encoder_hidden_states=cond["prompt_embeds"].to(dtype),
                      pooled_projections=cond["pooled_projections"].to(dtype), return_dict=False)[0]
         return out.float()

@@ -144,7 +144,7 @@ class ZImagePolicy(FlowPolicy):
 
     # ---------------------------------------------------------------- velocity
     def _velocity(self, module, latents, sigma, cond):
-        dtype = self.transformer.dtype
+        dtype = self.compute_dtype
         mask = cond["prompt_mask"].bool()
         caps = [e[m].to(dtype) for e, m in zip(cond["prompt_embeds"], mask)]
         x = list(latents.to(dtype).unsqueeze(2).unbind(0))
