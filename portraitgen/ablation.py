@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, params_from_dict
+from .config import ConfigError, params_from_dict, read_yaml
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 # Stage outputs a run reads from the runs' own folders (each run inverts/precomputes under its params).
@@ -80,12 +80,7 @@ def run_name(variant: str, seed: int) -> str:
 
 def load_ablation(path: str | Path) -> Ablation:
     path = Path(path)
-    if not path.is_file():
-        raise AblationError(f"ablation file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise AblationError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, "ablation file", AblationError)
     if not isinstance(data, dict):
         raise AblationError(f"{path}: expected a mapping with keys baseline, seeds, variants")
     unknown = set(data) - {"baseline", "seeds", "variants"}

@@ -471,15 +471,21 @@ def params_from_dict(data: dict | None) -> Params:
     return params
 
 
+def read_yaml(path: str | Path, what: str, error: type[Exception] = ConfigError) -> Any:
+    """The contents of a YAML file; a missing or malformed file raises ``error`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None
+
+
 def load_params(path: str | Path) -> Params:
     """Load ``params.yaml``; every problem is reported with the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, "params file")
     try:
         return params_from_dict(data)
     except ConfigError as exc:
