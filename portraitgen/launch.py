@@ -256,7 +256,8 @@ def check_visible_gpus(local_processes: int | None = None, visible: int | None =
 # --------------------------------------------------------------------------------------------------
 # The `portraitgen launch-train` command
 # --------------------------------------------------------------------------------------------------
-TRAIN_FLAGS = ("params", "out", "micro_batch_size", "mixed_precision")  # passed on to `portraitgen train`
+TRAIN_FLAGS = ("params", "out", "micro_batch_size", "mixed_precision", "rollout_batch_size")  # passed on
+TRAIN_SWITCHES = ("compile", "gradient_checkpointing", "fp32_frozen_weights")  # passed on when set
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -266,6 +267,11 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--out", help="output folder (train's default: results/train)")
     train.add_argument("--micro-batch-size", type=int, help="samples per forward pass per process")
     train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="transformer autocast")
+    train.add_argument("--rollout-batch-size", type=int, help="samples per forward pass without gradients")
+    train.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--fp32-frozen-weights", action="store_true",
+                       help="with --mixed-precision, keep the frozen weights in float32")
     lay = parser.add_argument_group("process layout (default: from the allocation)")
     lay.add_argument("--num-processes", type=int, default=int(os.environ.get("PORTRAITGEN_NUM_PROCESSES", 0)),
                      help="training processes per node; 0 = one per GPU of this node's allocation, 1 without "
@@ -286,6 +292,7 @@ def _train_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name, None)
         if value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]
+    out += [f"--{name.replace('_', '-')}" for name in TRAIN_SWITCHES if getattr(args, name, False)]
     return out
 
 

@@ -239,3 +239,13 @@ def test_launch_train_runs_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes per node x 1 node; no GPU" in proc.stderr
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["processes"] == 2
+
+
+def test_hardware_switches_are_passed_on_to_train(capsys, monkeypatch):
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert main(["launch-train", "--dry-run", "--params", "p.yaml", "--micro-batch-size", "2",
+                 "--rollout-batch-size", "8", "--compile", "--gradient-checkpointing"]) == 0
+    command = capsys.readouterr().out.strip().splitlines()[-1]
+    assert command.endswith("-m portraitgen train --params p.yaml --micro-batch-size 2 --rollout-batch-size 8"
+                            " --compile --gradient-checkpointing")
