@@ -380,6 +380,10 @@ if args[0] in ("invert", "precompute", "bench"):  # their declared outputs
     for name in names[args[0]]:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(name)
+    if args[0] == "bench":  # metrics for `dvc metrics`: a difference that depends on train.lr
+        import yaml
+        lr = yaml.safe_load(open("params.yaml"))["train"]["lr"]
+        (out / "metrics.json").write_text(json.dumps({{"comparisons": {{"trained_vs_base": {{"omni": lr}}}}}}))
     if args[0] == "invert":  # the persistent shard cache
         (out / "shards").mkdir(exist_ok=True)
         (out / "shards" / "shard-0123456789abcdef.safetensors").write_text("trajectories")
@@ -395,7 +399,7 @@ with open(os.environ["PORTRAITGEN_STUB_LOG"], "a") as f:
 if os.environ.get("PORTRAITGEN_STUB_FAIL"):
     sys.exit("stub: failing on purpose")
 (out / "final").mkdir(exist_ok=True)
-(out / "final" / "model.safetensors").write_text("weights")
+(out / "final" / "model.safetensors").write_text("weights of " + open(args[args.index("--params") + 1]).read())
 (out / "metrics.json").write_text(json.dumps({{"reward_mean": 0.5}}))
 (out / "metrics.jsonl").write_text(json.dumps({{"iteration": 0}}) + "\\n")
 """
@@ -599,6 +603,12 @@ def test_dvc_repro_twice_is_a_no_op_and_experiments_set_params(project, stub_env
     assert len(calls("train")) == 2 and len(calls("curate")) == 1
     shown = dvc(project, "exp", "show", "--csv", env=env()).stdout
     assert "lr001" in shown and "0.01" in shown
+    # `dvc metrics diff` shows the bench's deltas between the experiment and the committed workspace.
+    diff = json.loads(dvc(project, "metrics", "diff", "--json", env=env()).stdout)
+    change = diff["results/bench/metrics.json"]["comparisons.trained_vs_base.omni"]
+    base_lr = yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=project, capture_output=True,
+                                            text=True, check=True).stdout)["train"]["lr"]
+    assert change == {"old": base_lr, "new": 0.01, "diff": pytest.approx(0.01 - base_lr)}
 
 
 def test_ablation_runs_every_variant_and_seed_through_the_stages(project):
