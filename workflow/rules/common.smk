@@ -52,12 +52,15 @@ _OWNED_PARENT = []
 def start_pipeline_run():
     if os.environ.get(PARENT_ENV):
         return
-    proc = subprocess.run(
-        ["portraitgen", "mlflow-parent", "start", "--params", "params.yaml", "--launcher", "snakemake",
-         "--command-line", shlex.join(["snakemake", *sys.argv[1:]])],
-        capture_output=True,
-        text=True,
-    )
+    try:
+        proc = subprocess.run(
+            ["portraitgen", "mlflow-parent", "start", "--params", "params.yaml", "--launcher", "snakemake",
+             "--command-line", shlex.join(["snakemake", *sys.argv[1:]])],
+            capture_output=True,
+            text=True,
+        )
+    except OSError as exc:  # e.g. `portraitgen` only inside the rules' conda env
+        proc = subprocess.CompletedProcess([], 1, "", str(exc))
     run_id = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else ""
     if proc.returncode != 0:
         # Tracking must never stop the pipeline: the stages still log their own runs.
@@ -69,11 +72,14 @@ def start_pipeline_run():
 
 def end_pipeline_run(status):
     for run_id in _OWNED_PARENT:
-        subprocess.run(
-            ["portraitgen", "mlflow-parent", "end", "--params", "params.yaml", "--run-id", run_id,
-             "--status", status],
-            check=False,
-        )
+        try:
+            subprocess.run(
+                ["portraitgen", "mlflow-parent", "end", "--params", "params.yaml", "--run-id", run_id,
+                 "--status", status],
+                check=False,
+            )
+        except OSError as exc:
+            print(f"MLflow parent run {run_id} not closed: {exc}")
 
 
 def params_section(name):
