@@ -27,7 +27,9 @@ import helpers
 def fast_params(**overrides) -> dict:
     """helpers.fast_params with the bench running the text encoders itself (the repository's params read the
     precompute stage's bench_prompt_embeddings.safetensors); the prompt-embedding tests below set the key."""
-    return helpers.fast_params(**{"bench.prompt_embeddings": "", **overrides})
+    # Only the base model unless a test names others: the repository's params bench results/train, which a
+    # fresh clone does not have.
+    return helpers.fast_params(**{"bench.prompt_embeddings": "", "bench.models": {"base": "base"}, **overrides})
 
 
 CONTRACT_ID_COLUMNS = ["model", "prompt_id", "prompt", "categories", "seed", "image"]
