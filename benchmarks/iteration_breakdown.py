@@ -96,7 +96,7 @@ def exemplar_index(cfg: common.BenchConfig, path: str, work: Path, quick: bool) 
 
 
 def make_hardware(args, cfg):
-    from portraitgen.training import Hardware
+    from portraitgen.hardware import Hardware
 
     wanted = {"micro_batch_size": args.micro_batch_size or cfg.micro_batch,
               "rollout_micro_batch_size": args.rollout_batch_size or cfg.rollout_batch,

@@ -38,7 +38,8 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_params
-    from .training import GRPOTrainer, Hardware
+    from .hardware import Hardware
+    from .training import GRPOTrainer
 
     params = load_params(args.params)
     trainer = GRPOTrainer(params, args.out, Hardware(

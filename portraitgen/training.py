@@ -33,7 +33,6 @@ bf16/fp16, ``torch.compile`` of the transformer, activation checkpointing.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -54,6 +53,8 @@ from .config import Params, flatten, params_to_dict
 from .ema import EMA
 from .embeddings import EmbeddingCache
 from .exemplars import ExemplarBank
+from .fingerprint import fingerprint_hash, semantic_fingerprint
+from .hardware import Hardware
 from .images import load_image
 from .policies import FlowPolicy, cond_select, load_policy, model_fingerprint, resolve_model_path
 from .profiling import PhaseTimeline
@@ -65,45 +66,15 @@ from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-# Params that may change between a run and its resumption without changing what was computed so far.
-RESUMABLE_KEYS = ("train.iterations", "train.checkpoint_every", "train.keep_checkpoints", "train.log_images_every",
-                  "tracking.")
-
 
 class TrainingSetupError(ValueError):
     """The run cannot start: params, hardware flags and process count do not fit together."""
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """How the work is laid out on the machine. Never changes what is computed (only its floating-point
-    rounding: precision, kernels, batch shapes), so it is not in params: CLI flags / Snakemake resources."""
-
-    micro_batch_size: int = 0  # samples per forward pass per process; 0 = as large as possible, up to 8
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" autocast for the transformer (step math stays fp32)
-    rollout_micro_batch_size: int = 0  # samples per forward pass without gradients (rollouts); 0 = micro_batch_size
-    # With fp16/bf16: store the frozen transformer weights and the VAE in that dtype (autocast casts them to
-    # it for every matmul anyway; kept in fp32 they cost twice the memory and a cast per forward pass).
-    low_precision_weights: bool = True
-    compile: bool = False  # torch.compile the transformer (the first calls of each shape compile)
-    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
 
 
 def seeded_generator(*key: int) -> torch.Generator:
     """A CPU generator whose seed is a hash of ``key`` (independent streams for different keys)."""
     seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0])
     return torch.Generator().manual_seed(seed & ((1 << 63) - 1))
-
-
-def semantic_fingerprint(params: Params) -> dict[str, Any]:
-    """The params that determine what training computes (JSON-normalised: tuples become lists)."""
-    flat = flatten(params_to_dict(params))
-    kept = {k: v for k, v in flat.items() if not any(k == r or k.startswith(r) for r in RESUMABLE_KEYS)}
-    return json.loads(json.dumps(kept, sort_keys=True))
-
-
-def fingerprint_hash(params: Params) -> str:
-    return hashlib.sha256(json.dumps(semantic_fingerprint(params), sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -265,7 +236,16 @@ class GRPOTrainer:
         out = {}
         for row, h in enumerate(self.bank.index["content_hash"]):
             if h in by_hash.index:
-                out[row] = {n: float(by_hash.loc[h, n]) for n in names}
+                rec = by_hash.loc[h]
+                values = {n: float(rec[n]) for n in names}
+                masked = float(rec["masked"]) if "masked" in rec.index and pd.notna(rec["masked"]) else 0.0
+                bad = [n for n, v in values.items() if not math.isfinite(v)]
+                if bad and not masked:  # precompute writes finite scores (or masks them): the file is damaged
+                    raise TrainingSetupError(
+                        f"train.exemplars.rewards: {path}: exemplar {self.bank.exemplar_id(row)!r} has a non-finite "
+                        f"{bad[0]!r} reward ({values[bad[0]]}); re-run `portraitgen precompute` (under Snakemake: "
+                        f"snakemake --forcerun precompute)")
+                out[row] = values | {"masked": masked}
         return out
 
     # ------------------------------------------------------------------ setup helpers
@@ -503,14 +483,14 @@ class GRPOTrainer:
             scored = self.rewards(batch.images[new], [prompts[i] for i in new], [meta[i] for i in new])
             for k, i in enumerate(new):
                 self._exemplar_rewards[int(batch.exemplar_rows[i])] = {n: float(v[k]) for n, v in scored.items()}
-        names = list(self.rewards.weights) + ["total"]
+        names = list(self.rewards.weights) + ["total", "masked"]
         out = {n: np.zeros(len(prompts), dtype=np.float32) for n in names}
         if gen_scores is not None:
             for n in names:
-                out[n][gen] = gen_scores[n]
+                out[n][gen] = gen_scores.get(n, 0.0)  # "masked" only where on_invalid is "mask"
         for i in ex:
             for n in names:
-                out[n][i] = self._exemplar_rewards[int(batch.exemplar_rows[i])][n]
+                out[n][i] = self._exemplar_rewards[int(batch.exemplar_rows[i])].get(n, 0.0)
         batch.rewards = out
 
     # ------------------------------------------------------------------ advantages
@@ -524,13 +504,20 @@ class GRPOTrainer:
         all_groups = self._gather(batch.group.astype(np.int64))
         all_ex = self._gather(batch.exemplar_rows.astype(np.int64))
         is_ex = all_ex >= 0
+        # A masked reward (reward.on_invalid: mask) never steers training: advantage 0, out of the group stats.
+        local_masked = batch.rewards.get("masked", np.zeros(len(batch.group), dtype=np.float32))
+        all_masked = self._gather(np.asarray(local_masked, dtype=np.float64)) > 0
+        valid = ~all_masked
         adv = group_advantages(all_rewards, all_groups, global_std=t.global_std, clip=t.adv_clip_max,
                                filter_zero_std=t.filter_zero_std, is_exemplar=is_ex,
-                               exemplars_in_stats=t.exemplars.include_in_std, exemplar_cap=t.exemplars.adv_cap)
+                               exemplars_in_stats=t.exemplars.include_in_std, exemplar_cap=t.exemplars.adv_cap,
+                               valid=valid)
         # Gather is rank-major, so this process's samples are one contiguous slice.
         sl = slice(self.rank * self.local_samples, (self.rank + 1) * self.local_samples)
         batch.advantages, batch.mask = adv.advantages[sl], adv.mask[sl]
-        stats = {"reward/mean": float(all_rewards.mean()), "reward/std": float(all_rewards.std()),
+        scored = all_rewards[valid] if valid.any() else all_rewards  # masked rewards are fill values
+        stats = {"reward/mean": float(scored.mean()), "reward/std": float(scored.std()),
+                 "reward/masked": float(all_masked.mean()),
                  "advantage/abs_mean": float(np.abs(adv.advantages).mean()),
                  "advantage/clipped_fraction": adv.clipped_fraction, "zero_std_fraction": adv.zero_std_fraction,
                  "group/std_mean": float(np.unique(adv.group_std).mean())}
@@ -543,7 +530,7 @@ class GRPOTrainer:
                     stats[f"{kind}/advantage_mean"] = float(adv.advantages[sel].mean())
                     stats[f"{kind}/advantage_abs_mean"] = float(np.abs(adv.advantages[sel]).mean())
         components = {name: self._gather(values.astype(np.float64))
-                      for name, values in batch.rewards.items() if name != "total"}
+                      for name, values in batch.rewards.items() if name not in ("total", "masked")}
         for name, values in components.items():
             stats[f"reward/{name}"] = float(values.mean())
         all_prompts = self._gather(batch.prompt_ids.astype(np.int64))
@@ -552,7 +539,7 @@ class GRPOTrainer:
         self._sample_rows = [
             {"sample_index": i, "group": int(all_groups[i]), "prompt": self.prompts[int(all_prompts[i])],
              "reward": float(all_rewards[i]), **{f"reward_{k}": float(v[i]) for k, v in components.items()},
-             "advantage": float(adv.advantages[i]), "trained": bool(adv.mask[i]),
+             "advantage": float(adv.advantages[i]), "trained": bool(adv.mask[i]), "masked": bool(all_masked[i]),
              "exemplar": self.bank.exemplar_id(int(all_ex[i])) if all_ex[i] >= 0 else None}
             for i in range(len(all_rewards))]
         return stats

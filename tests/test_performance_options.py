@@ -14,7 +14,8 @@ import torch
 
 from portraitgen.config import params_from_dict
 from portraitgen.profiling import PhaseTimeline
-from portraitgen.training import GRPOTrainer, Hardware
+from portraitgen.hardware import Hardware
+from portraitgen.training import GRPOTrainer
 
 from helpers import fast_params
 
