@@ -158,6 +158,9 @@ class CurateConfig:
     dedup_max_distance: int = 6  # pHash bits (of 64) at or below which crops are near-duplicates; -1: off
     bench_fraction: float = 0.1  # fraction of kept images in split bench_reference (by a hash of the id)
     split_seed: int = 0  # seeds that hash; independent of `seed`, so training seeds never move the split
+    # Fewer kept images than this fails the stage (exit 2, rejection counts named) and leaves an earlier
+    # good output in place: an empty or nearly empty manifest is a wrong source or wrong thresholds.
+    min_kept: int = 1
 
 
 @dataclass(frozen=True)
@@ -404,6 +407,7 @@ def _check_ranges(p: Params) -> None:
     cu = p.curate
     need(cu.source.strip() != "", "curate.source", cu.source, "expected 'builtin:demo', a folder or a list file")
     need(cu.min_side >= 1, "curate.min_side", cu.min_side, "expected at least 1 (px)")
+    need(cu.min_kept >= 1, "curate.min_kept", cu.min_kept, "expected at least 1 (an empty manifest is never usable)")
     need(cu.max_aspect >= 1.0, "curate.max_aspect", cu.max_aspect, "expected >= 1.0")
     need(cu.face_min_neighbors >= 1, "curate.face_min_neighbors", cu.face_min_neighbors, "expected at least 1")
     need(cu.max_faces >= 1, "curate.max_faces", cu.max_faces, "expected at least 1")

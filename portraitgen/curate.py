@@ -496,6 +496,17 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def too_few_kept(c: CurateConfig, total: int, kept: int, rejected: list[dict[str, Any]]) -> str:
+    """The error of a curation that kept too few images: the source, and why the others went."""
+    by_reason: dict[str, int] = {}
+    for r in rejected:
+        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f"curate.source {c.source}: {kept} of {total} image(s) kept, fewer than curate.min_kept={c.min_kept}; "
+            f"rejected: {reasons or 'none'}. Check the folder, or loosen the thresholds named by the most frequent "
+            f"reasons (docs/workflow.md); the previous outputs were left as they were")
+
+
 # ================================================================================================ stage
 def run_curate(params: Params, out_dir: str | Path, *, part: int | None = None, num_parts: int = 1,
                merge_only: bool = False, workers: int | None = None) -> dict[str, Any]:
@@ -611,6 +622,10 @@ def run_curate(params: Params, out_dir: str | Path, *, part: int | None = None, 
             kept_hashes[len(survivors)] = np.uint64(h)
             survivors.append(r)
         kept = survivors
+
+    if len(kept) < c.min_kept:
+        # Before anything is written: the previous manifest, images and report stay as they were.
+        raise CurateError(too_few_kept(c, len(listing.items), len(kept), rejected))
 
     # ---- ids, captions, split ------------------------------------------------------------------------
     for r in kept:

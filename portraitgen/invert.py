@@ -57,8 +57,13 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise InvertError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(REQUIRED_COLUMNS)}")
+    total = len(df)
     if "split" in df.columns:
         df = df[df["split"] == "train"]
+    if df.empty:  # nothing to invert is an upstream problem; an empty index would only fail later
+        raise InvertError(f"invert.manifest: {path} has no exemplars in its train split ({total} row(s) in all); "
+                          f"nothing was written. Curate more images (see curate's metrics.json for the rejections) "
+                          f"or lower curate.bench_fraction")
     empty = df[df["caption"].astype(str).str.strip() == ""]
     if len(empty):
         raise InvertError(f"{path}: empty caption for id(s) {', '.join(map(str, empty['id'][:5]))}")
@@ -349,8 +354,8 @@ def run_invert(params: Params, out_dir: str | Path, *, part: int | None = None, 
                merge_only: bool = False, batch_size: int = 4) -> dict[str, Any]:
     """The stage: invert (all parts, or one) and, unless running a single part of several, merge."""
     out_dir = Path(out_dir)
+    read_manifest(params.invert.manifest)  # fail on a bad manifest before loading any model or writing
     out_dir.mkdir(parents=True, exist_ok=True)
-    read_manifest(params.invert.manifest)  # fail on a bad manifest before loading any model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     counts: dict[str, Any] = {}
     if not merge_only:
