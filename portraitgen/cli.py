@@ -193,6 +193,18 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     return run_dvc(ablation, execute=args.execute)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default, unless the text already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default  # identity, not ==: a default of 0 is shown, a switch's False is not
+        if (not action.option_strings or "default" in text.lower() or d is None or d is False or d == [] or d == ""
+                or d is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -207,7 +219,7 @@ def _add_part_args(parser: argparse.ArgumentParser, *, part: str, num_parts: str
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="portraitgen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="GRPO training (runs under `accelerate launch` for several processes)")
@@ -241,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     lt.set_defaults(func=cmd_launch_train)
 
     cu = sub.add_parser("curate", help="real portraits -> face-centred crops, manifest.parquet, rejections, report")
-    cu.add_argument("--params", default="params.yaml")
+    cu.add_argument("--params", default="params.yaml", help="params file; its sections configure the stage (docs/workflow.md)")
     cu.add_argument("--out", default="results/curate",
                     help="output folder (manifest.parquet, images/, rejected.parquet, metrics.json, report.html)")
     _add_part_args(cu, part="analyse only this part (0-based) of --num-parts and write parts/part-I-of-N.jsonl; "
@@ -252,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     cu.set_defaults(func=cmd_curate)
 
     iv = sub.add_parser("invert", help="invert curated portraits into trajectory shards (+ index and report)")
-    iv.add_argument("--params", default="params.yaml")
+    iv.add_argument("--params", default="params.yaml", help="params file; its sections configure the stage (docs/workflow.md)")
     iv.add_argument("--out", default="results/invert", help="output folder (shards/, index.parquet, report.html)")
     _add_part_args(iv, part="run only this part (0-based) of --num-parts; no merge",
                    num_parts="split the shards into this many parts",
@@ -263,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pc = sub.add_parser("precompute", help="prompt-embedding cache, AI-Portrait detector and exemplar rewards "
                                            "(computed once)")
-    pc.add_argument("--params", default="params.yaml")
+    pc.add_argument("--params", default="params.yaml", help="params file; its sections configure the stage (docs/workflow.md)")
     pc.add_argument("--out", default="results/precompute",
                     help="output folder (prompt_embeddings.safetensors, exemplar_rewards.parquet, detector/, cache/; "
                          "with --bench-only bench_prompt_embeddings.safetensors)")
@@ -279,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.set_defaults(func=cmd_precompute)
 
     be = sub.add_parser("bench", help="PortraitBench: models side by side on the portrait prompt suite")
-    be.add_argument("--params", default="params.yaml")
+    be.add_argument("--params", default="params.yaml", help="params file; its sections configure the stage (docs/workflow.md)")
     be.add_argument("--out", default="results/bench",
                     help="output folder (images/, scores.parquet, comparisons.parquet, metrics.json, report.html)")
     be.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
@@ -300,11 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ge.add_argument("--prompts-file", help="a text file with one prompt per line")
     ge.add_argument("--out", default="results/generate", help="folder for the PNG files")
-    ge.add_argument("--params", help="take resolution/steps/guidance defaults from this params file")
-    ge.add_argument("--resolution", type=int)
-    ge.add_argument("--steps", type=int)
-    ge.add_argument("--guidance-scale", type=float)
-    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--params", help="take resolution/steps/guidance/family defaults from this params file "
+                                     "(default: none, the built-in defaults below)")
+    ge.add_argument("--resolution", type=int,
+                    help="image side in px (default: model.resolution of --params, else 64)")
+    ge.add_argument("--steps", type=int,
+                    help="sampling steps (default: sample.eval_num_steps of --params, else 20)")
+    ge.add_argument("--guidance-scale", type=float,
+                    help="classifier-free guidance; 1 = none (default: sample.guidance_scale of --params, else 4.5)")
+    ge.add_argument("--seed", type=int, default=0, help="noise seed; image i of prompt p starts from noise seeded by (seed, p, i), so a rerun gives the same images")
     ge.add_argument("--num-images", type=int, default=1, help="images per prompt")
     ge.set_defaults(func=cmd_generate)
 
@@ -316,11 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="classifier input: the detected face (centre square if none), a centre square, or the image")
     td.add_argument("--size", type=int, default=64, help="crop side in px")
     td.add_argument("--width", type=int, default=32, help="channels of the first conv block")
-    td.add_argument("--epochs", type=int, default=30)
-    td.add_argument("--batch-size", type=int, default=32)
-    td.add_argument("--lr", type=float, default=2e-3)
+    td.add_argument("--epochs", type=int, default=30, help="passes over the training images")
+    td.add_argument("--batch-size", type=int, default=32, help="images per optimiser step")
+    td.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     td.add_argument("--val-fraction", type=float, default=0.25, help="held out per class for the accuracy/AUC report")
-    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--seed", type=int, default=0, help="seeds the split and the initial weights")
     td.add_argument("--max-images", type=int, default=0, help="use at most this many images per class (0: all)")
     td.set_defaults(func=cmd_train_detector)
 
@@ -335,20 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--launcher", default="snakemake", help="start: what runs the pipeline (tag and run name)")
     mp.add_argument("--command-line", default="", help="start: the invoking command, stored as a tag")
     mp.add_argument("--run-id", help="end: the parent run's id")
-    mp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
+    mp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"],
+                    help="end: the parent run's final status")
     mp.set_defaults(func=cmd_mlflow_parent)
 
     tk = sub.add_parser("tracked", help="run a command (e.g. `dvc repro`) under one MLflow parent run",
                         description="portraitgen tracked -- dvc repro: every stage run by the command "
                                     "becomes a child of one parent run; exits with the command's status.")
-    tk.add_argument("--params", default="params.yaml")
+    tk.add_argument("--params", default="params.yaml", help="its `tracking` section says where the parent run goes")
     tk.add_argument("--launcher", help="name of the launcher (default: the command's name)")
     tk.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     tk.set_defaults(func=cmd_tracked)
 
     ab = sub.add_parser("ablation", help="variants of params.yaml trained and benchmarked side by side",
                         description="list: the runs (variant x seed); params: write one run's params file; "
-                                    "dvc: print (--run: queue and run) one DVC experiment per run")
+                                    "dvc: print (with --execute: queue and run) one DVC experiment per run")
     ab.add_argument("action", choices=["list", "params", "dvc"])
     ab.add_argument("--variants", default="ablation.yaml", help="the ablation file (default: ablation.yaml)")
     ab.add_argument("--params", default="params.yaml", help="the base params file")
@@ -356,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--out", help="params: where to write the run's params file")
     ab.add_argument("--execute", action="store_true", help="dvc: queue the experiments and run the queue")
     ab.set_defaults(func=cmd_ablation)
+    for verb in sub.choices.values():  # every verb's --help shows the flags' defaults
+        verb.formatter_class = HelpFormatter
     return parser
 
 
