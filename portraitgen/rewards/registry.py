@@ -18,7 +18,12 @@ Invalid scores (NaN/inf, or an image a reward could not score) never pass silent
 with ``"mask"`` the invalid entries are replaced by the mean of that component's valid scores in the
 batch (so they carry no signal), counted in :attr:`RewardSet.invalid_counts`, logged as a warning, and
 flagged per image in the extra output ``"masked"`` (1.0 where any component was masked) — which the
-trainer logs as ``reward/masked``, the fraction of masked images.
+trainer logs as ``reward/masked``, the fraction of masked images. The trainer gives a masked image
+advantage 0 and leaves it out of its group's statistics (:func:`portraitgen.advantages.group_advantages`).
+
+An image with a non-finite pixel (NaN/inf: a diverged model) is invalid for every reward. It is checked
+here, once, before any reward sees the batch: such images are never passed to a reward (which might
+score a NaN image as black); they are an error, or masked in every component.
 """
 from __future__ import annotations
 
@@ -172,13 +177,33 @@ class RewardSet:
         out: dict[str, np.ndarray] = {}
         total = np.zeros(n, dtype=np.float64)
         masked = np.zeros(n, dtype=bool)
+        finite = torch.isfinite(images.detach()).flatten(1).all(dim=1).cpu().numpy()
+        if not finite.all():
+            idx = np.flatnonzero(~finite).tolist()
+            if self.on_invalid == "error":
+                raise RewardError(f"images {idx[:10]} have non-finite pixels (NaN/inf): no reward can score them "
+                                  f"(set reward.on_invalid: mask to mask them instead)")
+            log.warning("%d of %d images have non-finite pixels (images %s): masked in every reward",
+                        len(idx), n, idx[:10])
+        keep = np.flatnonzero(finite)
         for name, fn in self.rewards.items():
-            parts = self._score_one(name, fn, images, prompts, meta)
+            if len(keep) == n:
+                parts = self._score_one(name, fn, images, prompts, meta)
+            else:  # rewards see the finite images only; the others are NaN, masked below
+                sub = (self._score_one(name, fn, images[torch.as_tensor(keep)], [prompts[i] for i in keep],
+                                       [meta[i] for i in keep]) if len(keep) else {"score": np.zeros(0)})
+                parts = {}
+                for key, values in sub.items():
+                    parts[key] = np.full(n, np.nan)
+                    parts[key][keep] = values
             scores = parts.pop("score")
             bad = ~np.isfinite(scores)
             if bad.any():
                 idx = np.flatnonzero(bad).tolist()
-                reasons = getattr(fn, "last_errors", None) or {}
+                reasons = dict(getattr(fn, "last_errors", None) or {})
+                if len(keep) < n:  # the reward numbered the finite images only
+                    reasons = {int(keep[i]): r for i, r in reasons.items() if i < len(keep)}
+                    reasons.update({int(i): "non-finite pixels" for i in np.flatnonzero(~finite)})
                 why = "; ".join(f"image {i}: {reasons[i]}" for i in idx[:3] if i in reasons)
                 if self.on_invalid == "error":
                     raise RewardError(f"reward {name!r} produced non-finite scores for images {idx[:10]}"

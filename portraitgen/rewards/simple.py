@@ -18,7 +18,15 @@ _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] float in [0, 1] -> [B, H, W, 3] uint8 (rounded, as a saved PNG would be)."""
+    """[B, 3, H, W] float in [0, 1] -> [B, H, W, 3] uint8 (rounded, as a saved PNG would be).
+
+    A non-finite pixel is an error: casting would turn NaN into 0 and score a diverged image as black.
+    (:class:`RewardSet` never passes such images to a reward; this guards direct callers.)
+    """
+    bad = ~torch.isfinite(images.detach()).flatten(1).all(dim=1)
+    if bad.any():
+        raise ValueError(f"images {torch.nonzero(bad).flatten().tolist()[:10]} have non-finite pixels (NaN/inf); "
+                         f"they cannot be converted to 8-bit")
     return (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
