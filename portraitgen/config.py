@@ -98,6 +98,15 @@ class ExemplarConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """Supervised flow-matching on the real portraits of ``train.exemplars.index`` (portraitgen/sft_loss.py):
+    the ablation's control for exemplar GRPO. share = 0 is off."""
+
+    share: float = 0.0  # the supervised term's share of each update's gradient norm; E/G matches E exemplars
+    batch_size: int = 4  # real images per optimizer step (forward-noised at logit-normal sigmas)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     iterations: int = 40  # GRPO iterations (sample -> score -> train)
     finetune: Literal["lora", "full"] = "lora"
@@ -122,6 +131,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
     log_images_every: int = 10  # iterations between sample grids logged to MLflow (0: never)
     exemplars: ExemplarConfig = field(default_factory=ExemplarConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)  # supervised baseline on the same real portraits
     # Prompt embeddings from the precompute stage ("" = run the text encoders at start-up instead).
     # With a cache the text encoders are not even loaded.
     prompt_embeddings: str = ""
@@ -391,6 +401,10 @@ def _check_ranges(p: Params) -> None:
          f"expected between 1 and sample.num_steps={s.num_steps}")
     need(ts.window_range == 0 or ts.window_size <= ts.window_range <= s.num_steps, "train.trained_steps.window_range",
          ts.window_range, f"expected 0 or between window_size and sample.num_steps={s.num_steps}")
+    need(0.0 <= t.sft.share < 1.0, "train.sft.share", t.sft.share, "expected in [0, 1)")
+    need(t.sft.batch_size >= 1, "train.sft.batch_size", t.sft.batch_size, "expected at least 1")
+    need(t.sft.share == 0 or p.prompts.source == "exemplars", "prompts.source", p.prompts.source,
+         "expected 'exemplars' when train.sft.share > 0 (the real portraits are the exemplar index's)")
     ex, inv = t.exemplars, p.invert
     need(0 <= ex.per_group < s.group_size, "train.exemplars.per_group", ex.per_group,
          f"expected 0 <= E < sample.group_size={s.group_size} (a group needs generated samples)")

@@ -60,6 +60,7 @@ from .policies import FlowPolicy, cond_select, load_policy, model_fingerprint, r
 from .profiling import PhaseTimeline
 from .prompts import load_prompts
 from .rewards import RewardSet
+from .sft_loss import supervised_term
 from .sampling import (Trajectory, randn_per_sample, rollout, step_mean, step_std, stochastic_step,
                        to_device_async)
 from .tracking import Tracker
@@ -189,6 +190,7 @@ class GRPOTrainer:
         emb_dtype = self.policy.compute_dtype
         self.cond_cache = embeddings.lookup(self.prompts, dev, dtype=emb_dtype)
         self.uncond = embeddings.lookup([""], dev, dtype=emb_dtype) if self._cfg else None
+        self.sft = supervised_term(params, self.policy, self.prompts)  # the ablation's supervised baseline
         if ex.per_group > 0:
             self.bank = ExemplarBank(ex.index, sigmas=self.sigmas,
                                      model_fingerprint=model_fingerprint(params.model.family, params.model.path))
@@ -642,6 +644,10 @@ class GRPOTrainer:
                                 stats.note(f"{kind}/ratio_mean", ratio, ws)
                                 stats.note(f"{kind}/policy_loss", pg, ws * mask[b])
                                 stats.note(f"{kind}/approx_kl", 0.5 * (out.log_prob - old_lp) ** 2, ws)
+                if sync_now and self.sft is not None:  # real images' share of this update (sft_loss.py)
+                    for key, value in self.sft.add_policy_gradient(self.policy, self.cond_cache, list(
+                            self.named_trainable.values()), self.optimizer_steps).items():
+                        stats.add(key, value)
                 if sync_now:
                     with tl.phase("optimizer"):
                         grad_norm = self.accelerator.clip_grad_norm_(list(self.named_trainable.values()),

@@ -80,3 +80,105 @@ def test_cli_lists_runs_and_reports_errors(tmp_path):
     assert listed == load_ablation(REPO / "ablation.yaml").runs
     bad = subprocess.run([*cli, "list", "--variants", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert bad.returncode == 2 and "ablation file not found" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# The supervised flow-matching baseline (portraitgen/sft_loss.py)
+# ----------------------------------------------------------------------------------------------------
+import torch  # noqa: E402
+
+from portraitgen.sft_loss import (SupervisedFlowTerm, flow_matching_loss, forward_noise, grad_norm,  # noqa: E402
+                                  share_weight)
+
+
+def test_flow_matching_loss_is_zero_for_the_true_velocity_and_mse_otherwise():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    sigma = torch.tensor([0.1, 0.5, 0.9])
+    xs = forward_noise(x0, eps, sigma)
+    assert torch.allclose(xs[1], 0.5 * x0[1] + 0.5 * eps[1]) and torch.allclose(xs[2], 0.1 * x0[2] + 0.9 * eps[2])
+    # An oracle that knows eps - x0 has zero loss; a zero velocity has loss |eps - x0|^2 per sample.
+    assert torch.allclose(flow_matching_loss(lambda x, s: eps - x0, x0, eps, sigma), torch.zeros(3))
+    zero = flow_matching_loss(lambda x, s: torch.zeros_like(x), x0, eps, sigma)
+    assert torch.allclose(zero, ((eps - x0) ** 2).mean(dim=(1, 2, 3)))
+    with pytest.raises(ValueError, match="one value per sample"):
+        flow_matching_loss(lambda x, s: x, x0, eps, sigma[:2])
+
+
+@pytest.mark.parametrize("share", [0.125, 0.25, 0.5])
+def test_share_weight_gives_the_requested_share_of_the_gradient_norm(share):
+    lam = share_weight(3.0, 0.2, share)
+    assert lam * 0.2 / (3.0 + lam * 0.2) == pytest.approx(share)
+    assert share_weight(0.0, 0.2, share) == 0.0 and share_weight(3.0, 0.0, share) == 0.0
+    with pytest.raises(ValueError, match="train.sft.share"):
+        share_weight(1.0, 1.0, 1.0)
+
+
+def _linear_term(share, n=16):
+    torch.manual_seed(0)
+    latents = torch.randn(n, 2, 2, 2)
+    return SupervisedFlowTerm(latents, torch.arange(n) % 2, share=share, batch_size=8, seed=3)
+
+
+def test_supervised_term_adds_its_share_and_learns_the_real_velocity():
+    term = _linear_term(0.125)
+    model = torch.nn.Linear(8, 8)
+    params = list(model.parameters())
+
+    def velocity(x, sigma, ids):
+        return model(x.flatten(1)).view_as(x)
+
+    # A stand-in GRPO gradient already accumulated: the supervised one joins it at 1/8 of the norm.
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = grad_norm([p.grad for p in params])
+    stats = term.add_gradient(params, velocity, step=0)
+    assert stats["sft/grad_share"] == pytest.approx(0.125)
+    assert stats["sft/weight"] * stats["sft/grad_norm"] == pytest.approx(before / 7, rel=1e-5)
+    assert not all(torch.equal(p.grad, torch.ones_like(p)) for p in params)
+    # Alone (share 0.5 of a unit GRPO gradient that is then dropped), the term lowers the flow-matching loss.
+    opt = torch.optim.SGD(params, lr=0.05)
+    x0, eps, sigma, ids = term.batch(999)
+    with torch.no_grad():
+        held_out = float(flow_matching_loss(lambda x, s: velocity(x, s, ids), x0, eps, sigma).mean())
+    for step in range(200):
+        opt.zero_grad()
+        grads = torch.autograd.grad(flow_matching_loss(lambda x, s: velocity(x, s, None), *term.batch(step)[:3]).mean(),
+                                    params)
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        opt.step()
+    with torch.no_grad():
+        after = float(flow_matching_loss(lambda x, s: velocity(x, s, ids), x0, eps, sigma).mean())
+    assert after < 0.8 * held_out
+
+
+def test_supervised_batches_depend_on_seed_and_step_only():
+    a, b = _linear_term(0.1), _linear_term(0.1)
+    assert all(torch.equal(u, v) for u, v in zip(a.batch(5), b.batch(5)))
+    assert not torch.equal(a.batch(5)[1], a.batch(6)[1])
+    assert ((a.batch(5)[2] > 0) & (a.batch(5)[2] < 1)).all()
+
+
+def test_trainer_with_the_supervised_term_trains_on_the_exemplar_images(tmp_path):
+    from portraitgen.config import params_from_dict
+    from portraitgen.invert import run_invert
+    from portraitgen.training import GRPOTrainer
+
+    from helpers import fast_params, make_manifest
+
+    manifest = make_manifest(tmp_path / "curate", n=4, size=32, captions=["a woman", "a woman", "a man", "a man"])
+    run_invert(params_from_dict(fast_params(**{"invert.manifest": str(manifest), "invert.diagnostic_samples": 2})),
+               tmp_path / "invert")
+    params = params_from_dict(fast_params(**{
+        "prompts.source": "exemplars", "train.exemplars.index": str(tmp_path / "invert" / "index.parquet"),
+        "train.iterations": 2, "train.sft.share": 0.125, "train.sft.batch_size": 2}))
+    trainer = GRPOTrainer(params, tmp_path / "out")
+    assert trainer.sft is not None and len(trainer.sft.latents) == 4
+    assert trainer.sft.latents.shape[1:] == tuple(trainer.latent_shape)
+    trainer.run()
+    rec = trainer.history[0]
+    assert rec["sft/loss"] > 0 and rec["sft/grad_norm"] > 0
+    assert rec["sft/grad_share"] == pytest.approx(0.125, abs=1e-4)  # every optimizer step had a GRPO gradient
+    with pytest.raises(Exception, match="train.sft.share"):
+        params_from_dict(fast_params(**{"train.sft.share": 1.0}))
