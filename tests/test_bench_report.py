@@ -309,3 +309,22 @@ def test_chromium_renders_the_report(report, tmp_path):
     shot = Image.open(screenshot(binary, report, tmp_path / "report.png")).convert("L")
     pixels = np.asarray(shot, dtype=float)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # text and images, not a blank page
+
+
+def test_a_metric_without_direction_is_neutral_in_the_heatmap(tmp_path):
+    """raw_luma-like metrics (higher_is_better: null) get no better/worse colour, only their raw difference."""
+    from portraitgen.bench.report import heatmap_values, load_bench, plot_category_heatmap
+
+    bench = make_bench(tmp_path / "bench")
+    info = json.loads((bench / "metrics_info.json").read_text())
+    info["ai_portrait_classic/oily"]["higher_is_better"] = None
+    (bench / "metrics_info.json").write_text(json.dumps(info))
+    b = load_bench(bench)
+    cats, metrics, zs, raws = heatmap_values(b)
+    j = metrics.index("ai_portrait_classic/oily")
+    k = metrics.index("ai_portrait_classic")
+    for z, raw in zip(zs, raws):
+        assert np.isfinite(raw[:, j]).any() and np.isnan(z[:, j]).all()  # shown, but not coloured
+        assert np.isfinite(z[:, k]).any()  # a metric with a direction still is
+    out = plot_category_heatmap(b, tmp_path / "heatmap.png")
+    assert Image.open(out).size[0] > 100

@@ -356,36 +356,47 @@ def plot_comparisons(b: Bench, out: Path) -> Path | None:
     return out
 
 
-def plot_category_heatmap(b: Bench, out: Path) -> Path | None:
-    """Per pair, categories x metrics: the difference to the baseline in units of the baseline's std
-    (over all its images), signed so that green is better; cells are annotated with the raw difference."""
+def heatmap_values(b: Bench) -> tuple[list[str], list[str], list[np.ndarray], list[np.ndarray]]:
+    """Categories, metrics, and per pair the colour values (difference / baseline std, signed so that
+    positive is better) and the raw differences. A metric without a direction (e.g. a raw luma) has NaN
+    colour values: it is drawn neutral, never as better or worse, with its raw difference written in."""
     means = _cat_means(b)
     metrics = b.ordered(m for m in b.per_category["metric"].astype(str) if b.info.get(m, MetricInfo(m)).kind != "set")
     cats = _sorted_categories(b.per_category["category"])
-    if not b.pairs or not metrics or not cats:
-        return None
     zs, raws = [], []
     for model, base in b.pairs:
         z = np.full((len(cats), len(metrics)), np.nan)
         raw = np.full_like(z, np.nan)
         for j, metric in enumerate(metrics):
-            sign = b.info.get(metric, MetricInfo(metric)).sign or 1
+            sign = b.info.get(metric, MetricInfo(metric)).sign
             for i, cat in enumerate(cats):
                 if (model, cat, metric) in means and (base, cat, metric) in means:
                     raw[i, j] = means[(model, cat, metric)][0] - means[(base, cat, metric)][0]
+            if sign == 0:
+                continue
             std = means.get((base, "all", metric), (0.0, np.nan, 0))[1]
             scale = std if np.isfinite(std) and std > 1e-12 else np.nanmax(np.abs(raw[:, j]), initial=0.0)
             z[:, j] = sign * raw[:, j] / (scale if scale > 1e-12 else 1.0)
         zs.append(z)
         raws.append(raw)
+    return cats, metrics, zs, raws
+
+
+def plot_category_heatmap(b: Bench, out: Path) -> Path | None:
+    """Per pair, categories x metrics (see heatmap_values): green is better, grey has no direction or no
+    data; cells are annotated with the raw difference."""
+    cats, metrics, zs, raws = heatmap_values(b)
+    if not b.pairs or not metrics or not cats:
+        return None
     # One colour scale for all pairs, saturating at 2 std so that one huge effect does not wash out the rest.
     top = max(float(np.nanmax(np.abs(z), initial=0.0)) for z in zs)
     vmax = min(max(top, 1e-9), HEATMAP_MAX)
     plt = _plt()
     fig, axes = plt.subplots(1, len(b.pairs), squeeze=False, layout="constrained",
                              figsize=(len(b.pairs) * (1.8 + 0.55 * len(metrics)) + 1.2, 1.6 + 0.3 * len(cats)))
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="#d9d9d9")  # NaN: no direction or no data
     for ax, (model, base), z, raw in zip(axes.flat, b.pairs, zs, raws):
-        im = ax.imshow(z, cmap="RdYlGn", vmin=-vmax, vmax=vmax, aspect="auto")
+        im = ax.imshow(np.ma.masked_invalid(z), cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(metrics)))
         ax.set_xticklabels([m + b.info.get(m, MetricInfo(m)).arrow for m in metrics], rotation=45, ha="right",
                            fontsize=7)
@@ -398,7 +409,7 @@ def plot_category_heatmap(b: Bench, out: Path) -> Path | None:
                     if np.isfinite(raw[i, j]):
                         ax.text(j, i, fmt(raw[i, j], sign=True), ha="center", va="center", fontsize=6)
     fig.colorbar(im, ax=list(axes.flat), shrink=0.8, extend="both" if top > vmax else "neither").set_label(
-        "difference / baseline std (green: better)", fontsize=7)
+        "difference / baseline std (green: better; grey: no direction)", fontsize=7)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
