@@ -12,6 +12,7 @@ and are raised before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -336,12 +337,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         # YAML reads "1e-4" (no dot) as a string; accept numeric strings, reject everything else.
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        else:
+            number = float(value)
+        # No setting means anything with NaN or inf (.inf passes "lr > 0" and fails the run at iteration 1).
+        if not math.isfinite(number):
+            raise ConfigError(f"params key '{key}': expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -385,6 +391,12 @@ def _check_ranges(p: Params) -> None:
          t.global_batch_size, f"expected a positive divisor of sample.global_batch_size={s.global_batch_size}")
     need(t.iterations >= 1, "train.iterations", t.iterations, "expected at least 1")
     need(t.lr > 0, "train.lr", t.lr, "expected > 0")
+    need(t.warmup_iterations >= 0, "train.warmup_iterations", t.warmup_iterations, "expected >= 0")
+    need(0.0 <= t.adam_beta1 < 1.0, "train.adam_beta1", t.adam_beta1, "expected in [0, 1)")
+    need(0.0 <= t.adam_beta2 < 1.0, "train.adam_beta2", t.adam_beta2, "expected in [0, 1)")
+    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "expected >= 0")
+    need(t.adam_eps > 0, "train.adam_eps", t.adam_eps, "expected > 0")
+    need(t.lora.alpha > 0, "train.lora.alpha", t.lora.alpha, "expected > 0")
     need(t.num_inner_epochs >= 1, "train.num_inner_epochs", t.num_inner_epochs, "expected at least 1")
     need(t.clip_range > 0, "train.clip_range", t.clip_range, "expected > 0")
     need(t.adv_clip_max > 0, "train.adv_clip_max", t.adv_clip_max, "expected > 0")
@@ -443,6 +455,8 @@ def _check_ranges(p: Params) -> None:
             need(name in p.reward.components, f"reward.{section}.{name}", name, "expected a name in reward.components")
     for name, norm in p.reward.normalize.items():
         need(norm.std > 0, f"reward.normalize.{name}.std", norm.std, "expected > 0")
+        need(norm.clip >= 0, f"reward.normalize.{name}.clip", norm.clip, "expected >= 0 (0 = no clip)")
+    need(p.seed >= 0, "seed", p.seed, "expected >= 0")
     need(p.model.path.strip() != "", "model.path", p.model.path, "expected a local folder or 'builtin:tiny'")
     _check_bench(p.bench, need)
 
@@ -504,6 +518,9 @@ def load_params(path: str | Path) -> Params:
     """Load ``params.yaml``; every problem is reported with the file and the key."""
     path = Path(path)
     data = read_yaml(path, "params file")
+    if data is None:  # an empty file would silently run every default
+        raise ConfigError(f"{path}: the params file is empty; expected the settings of the experiment "
+                          f"(see the repository's params.yaml)")
     try:
         return params_from_dict(data)
     except ConfigError as exc:
