@@ -38,14 +38,11 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_params
-    from .hardware import Hardware
+    from .hardware import hardware_from_args
     from .training import GRPOTrainer
 
     params = load_params(args.params)
-    trainer = GRPOTrainer(params, args.out, Hardware(
-        micro_batch_size=args.micro_batch_size, mixed_precision=args.mixed_precision,
-        rollout_micro_batch_size=args.rollout_batch_size, low_precision_weights=not args.fp32_frozen_weights,
-        compile=args.compile, gradient_checkpointing=args.gradient_checkpointing))
+    trainer = GRPOTrainer(params, args.out, hardware_from_args(args))
     summary = trainer.run()
     if trainer.is_main:
         log.info("training done: reward %.4f -> %.4f over %d iterations; weights in %s",
@@ -205,10 +202,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _add_part_args(parser: argparse.ArgumentParser, *, part: str, num_parts: str, merge: str) -> None:
     """--part/--num-parts/--merge-only: scatter a stage over cluster jobs, then gather."""
     parser.add_argument("--part", type=int, help=part)
@@ -226,23 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     tr.add_argument("--out", default="results/train",
                     help="output folder (checkpoints/, final/, metrics.json); a run resumes from its checkpoints")
-    tr.add_argument("--micro-batch-size", type=int, default=int(os.environ.get("PORTRAITGEN_MICRO_BATCH", 0)),
-                    help="samples per forward pass per process (hardware; 0 = auto). Env: PORTRAITGEN_MICRO_BATCH")
-    tr.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
-                    default=os.environ.get("PORTRAITGEN_MIXED_PRECISION", "no"),
-                    help="transformer autocast (hardware). Env: PORTRAITGEN_MIXED_PRECISION")
-    tr.add_argument("--rollout-batch-size", type=int, default=int(os.environ.get("PORTRAITGEN_ROLLOUT_BATCH", 0)),
-                    help="samples per forward pass without gradients (hardware; 0 = the micro-batch size). "
-                         "Env: PORTRAITGEN_ROLLOUT_BATCH")
-    tr.add_argument("--compile", action="store_true", default=_env_flag("PORTRAITGEN_COMPILE"),
-                    help="torch.compile the transformer (hardware). Env: PORTRAITGEN_COMPILE=1")
-    tr.add_argument("--gradient-checkpointing", action="store_true",
-                    default=_env_flag("PORTRAITGEN_GRADIENT_CHECKPOINTING"),
-                    help="recompute activations in backward: less memory, ~1/3 more transformer compute "
-                         "(hardware). Env: PORTRAITGEN_GRADIENT_CHECKPOINTING=1")
-    tr.add_argument("--fp32-frozen-weights", action="store_true",
-                    help="with --mixed-precision, keep the frozen weights in float32 (default: stored in the "
-                         "autocast dtype)")
+    from .hardware import add_hardware_arguments  # light: no torch
+
+    add_hardware_arguments(tr.add_argument_group("hardware (never changes what is computed; portraitgen/hardware.py)"))
     tr.set_defaults(func=cmd_train)
 
     from .launch import add_launch_arguments, cmd_launch_train  # light: no torch

@@ -42,6 +42,8 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from .hardware import add_hardware_arguments, train_flags
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500  # torch.distributed's usual port, used when nothing else decides
@@ -256,8 +258,7 @@ def check_visible_gpus(local_processes: int | None = None, visible: int | None =
 # --------------------------------------------------------------------------------------------------
 # The `portraitgen launch-train` command
 # --------------------------------------------------------------------------------------------------
-TRAIN_FLAGS = ("params", "out", "micro_batch_size", "mixed_precision", "rollout_batch_size")  # passed on
-TRAIN_SWITCHES = ("compile", "gradient_checkpointing", "fp32_frozen_weights")  # passed on when set
+TRAIN_FLAGS = ("params", "out")  # passed on when given; the Hardware flags too (portraitgen/hardware.py)
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -265,13 +266,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("passed on to `portraitgen train` (see `portraitgen train --help`)")
     train.add_argument("--params", help="params file (train's default: params.yaml)")
     train.add_argument("--out", help="output folder (train's default: results/train)")
-    train.add_argument("--micro-batch-size", type=int, help="samples per forward pass per process")
-    train.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="transformer autocast")
-    train.add_argument("--rollout-batch-size", type=int, help="samples per forward pass without gradients")
-    train.add_argument("--compile", action="store_true", help="torch.compile the transformer")
-    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    train.add_argument("--fp32-frozen-weights", action="store_true",
-                       help="with --mixed-precision, keep the frozen weights in float32")
+    add_hardware_arguments(train, pass_through=True)
     lay = parser.add_argument_group("process layout (default: from the allocation)")
     lay.add_argument("--num-processes", type=int, default=int(os.environ.get("PORTRAITGEN_NUM_PROCESSES", 0)),
                      help="training processes per node; 0 = one per GPU of this node's allocation, 1 without "
@@ -292,8 +287,7 @@ def _train_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name, None)
         if value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]
-    out += [f"--{name.replace('_', '-')}" for name in TRAIN_SWITCHES if getattr(args, name, False)]
-    return out
+    return out + train_flags(args)
 
 
 def cmd_launch_train(args: argparse.Namespace) -> int:

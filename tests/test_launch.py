@@ -248,4 +248,4 @@ def test_hardware_switches_are_passed_on_to_train(capsys, monkeypatch):
                  "--rollout-batch-size", "8", "--compile", "--gradient-checkpointing"]) == 0
     command = capsys.readouterr().out.strip().splitlines()[-1]
     assert command.endswith("-m portraitgen train --params p.yaml --micro-batch-size 2 --rollout-batch-size 8"
-                            " --compile --gradient-checkpointing")
+                            " --compile 1 --gradient-checkpointing 1")
