@@ -12,6 +12,8 @@ and are raised before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import types
 import typing
@@ -541,3 +543,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def reward_config_hash(params: Params) -> str:
+    """The reward settings an exemplar reward table was made with (precompute writes it, training checks it)."""
+    cfg = {"reward": dataclasses.asdict(params.reward), "resolution": params.model.resolution}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -15,8 +15,7 @@ from tqdm.auto import tqdm
 from .export import load_trained
 from .images import to_pil
 from .policies import FlowPolicy
-from .sampling import randn_per_sample, rollout
-from .training import seeded_generator
+from .sampling import randn_per_sample, rollout, seeded_generator
 
 log = logging.getLogger(__name__)
 

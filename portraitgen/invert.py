@@ -29,17 +29,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import shards
+from . import manifest, shards
 from .config import Params
 from .images import load_image
 from .inversion import (finite_mean, invert, psnr, regenerate, ssim, trajectory_log_prob,
                         transition_stats_and_samples)
 from .policies import FlowPolicy, cond_cat, load_policy, model_fingerprint
-from .tracking import Tracker
-from .training import seeded_generator
+from .io import atomic_write
+from .stage import Parts, open_output, tracked
+from .sampling import seeded_generator
 
 log = logging.getLogger(__name__)
-REQUIRED_COLUMNS = ("id", "content_hash", "image_path", "caption")
 
 
 class InvertError(ValueError):
@@ -48,30 +48,9 @@ class InvertError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- inputs
 def read_manifest(path: str | Path) -> pd.DataFrame:
-    """The exemplars to invert: the ``train`` split of a curate manifest, sorted by id."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvertError(f"invert.manifest: manifest not found: {path} (run `portraitgen curate` first, or "
-                          f"point invert.manifest at a parquet file with columns {', '.join(REQUIRED_COLUMNS)})")
-    df = pd.read_parquet(path)
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise InvertError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(REQUIRED_COLUMNS)}")
-    total = len(df)
-    if "split" in df.columns:
-        df = df[df["split"] == "train"]
-    if df.empty:  # nothing to invert is an upstream problem; an empty index would only fail later
-        raise InvertError(f"invert.manifest: {path} has no exemplars in its train split ({total} row(s) in all); "
-                          f"nothing was written. Curate more images (see curate's metrics.json for the rejections) "
-                          f"or lower curate.bench_fraction")
-    empty = df[df["caption"].astype(str).str.strip() == ""]
-    if len(empty):
-        raise InvertError(f"{path}: empty caption for id(s) {', '.join(map(str, empty['id'][:5]))}")
-    if df["id"].duplicated().any():
-        raise InvertError(f"{path}: duplicate ids {', '.join(map(str, df['id'][df['id'].duplicated()][:5]))}")
-    df = df.sort_values("id").reset_index(drop=True)
-    df["image_file"] = [str((path.parent / p).resolve()) for p in df["image_path"]]
-    return df
+    """The exemplars to invert: the ``train`` split of a curate manifest, sorted by id (none is an error)."""
+    return manifest.read_manifest(path, split=manifest.TRAIN, key="invert.manifest", error=InvertError,
+                                  nonempty=True)
 
 
 def inversion_config(p: Params) -> dict[str, Any]:
@@ -195,8 +174,6 @@ def _existing_entries(shard_dir: Path) -> dict[str, tuple[Path, int]]:
 def invert_part(params: Params, out_dir: Path, part: int = 0, num_parts: int = 1, batch_size: int = 4,
                 device: str = "cpu") -> dict[str, Any]:
     """Write the missing shards of part ``part``; returns counts and timing."""
-    if not 0 <= part < num_parts:
-        raise InvertError(f"--part {part} is outside 0..{num_parts - 1}")
     df = read_manifest(params.invert.manifest)
     fp = model_fingerprint(params.model.family, params.model.path)
     cfg = inversion_config(params)
@@ -276,9 +253,7 @@ def merge(params: Params, out_dir: Path, prune: bool = True) -> pd.DataFrame:
                 "gen_logprob_std": float(tensors["gen_logprob_std"][off]),
             })
     index = pd.DataFrame(rows)
-    tmp = out_dir / ".index.parquet.tmp"
-    index.to_parquet(tmp, index=False)
-    tmp.replace(out_dir / "index.parquet")
+    atomic_write(out_dir / "index.parquet", lambda tmp: index.to_parquet(tmp, index=False))
     if prune:  # shards of earlier inputs or configs that no exemplar refers to any more
         for path in shard_dir.glob(shards.SHARD_GLOB):
             if path.name not in wanted:
@@ -353,18 +328,17 @@ def write_report(out_dir: Path, index: pd.DataFrame, summary: dict[str, Any]) ->
 def run_invert(params: Params, out_dir: str | Path, *, part: int | None = None, num_parts: int = 1,
                merge_only: bool = False, batch_size: int = 4) -> dict[str, Any]:
     """The stage: invert (all parts, or one) and, unless running a single part of several, merge."""
-    out_dir = Path(out_dir)
+    # The merge reads the content-addressed shards, not part files: it works with any --num-parts.
+    parts = Parts.checked(part, num_parts, merge_only, error=InvertError, merge_reads_parts=False)
     read_manifest(params.invert.manifest)  # fail on a bad manifest before loading any model or writing
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = open_output(out_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     counts: dict[str, Any] = {}
-    if not merge_only:
-        parts = [part] if part is not None else list(range(num_parts))
-        for p in parts:
-            for k, v in invert_part(params, out_dir, p, num_parts, batch_size, device).items():
-                counts[k] = counts.get(k, 0) + v
-        if part is not None and num_parts > 1:
-            return counts  # a scattered job: the merge job builds the index
+    for p in parts.to_run:
+        for k, v in invert_part(params, out_dir, p, num_parts, batch_size, device).items():
+            counts[k] = counts.get(k, 0) + v
+    if parts.scattered:
+        return counts  # a scattered job: the merge job builds the index
     index = merge(params, out_dir)
     summary = summarize(index, residual_by_step(out_dir, index))
     if counts.get("exemplars_inverted"):
@@ -376,14 +350,10 @@ def run_invert(params: Params, out_dir: str | Path, *, part: int | None = None, 
     summary.update({k: v for k, v in counts.items() if not k.startswith("seconds")})
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     report = write_report(out_dir, index, summary)
-    tracker = Tracker(params.tracking, stage="invert", active=True,
-                      params={f"invert.{k}": v for k, v in asdict(params.invert).items()},
-                      tags={"portraitgen.model_family": params.model.family})
-    try:
+    with tracked(params.tracking, "invert", params={f"invert.{k}": v for k, v in asdict(params.invert).items()},
+                 tags={"portraitgen.model_family": params.model.family}) as tracker:
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}, 0)
         tracker.log_artifact(report)
         tracker.log_artifact(out_dir / "residuals.png")
         tracker.log_artifact(out_dir / "index.parquet")
-    finally:
-        tracker.end()
     return summary

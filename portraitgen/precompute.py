@@ -58,8 +58,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
@@ -70,16 +68,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import Params
+from .config import Params, reward_config_hash
 from .embeddings import write_cache
 from .images import load_image
-from .invert import read_manifest
+from .io import atomic_dir, atomic_write
+from .manifest import read_manifest
 from .policies import FlowPolicy, load_policy, model_fingerprint
 from .prompts import load_prompts
 from .rewards import RewardSet
 from .rewards.detector import DetectorConfig
 from .rewards.simple import to_uint8_hwc
-from .tracking import Tracker
+from .stage import Parts, open_output, part_command, part_file, tracked
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,8 @@ class PrecomputeError(ValueError):
 # ---------------------------------------------------------------------------------------------- prompts
 def training_prompts(params: Params) -> list[str]:
     if params.prompts.source == "exemplars":
-        return sorted(set(read_manifest(params.invert.manifest)["caption"].astype(str)))
+        df = read_manifest(params.invert.manifest, error=PrecomputeError, nonempty=True)
+        return sorted(set(df["caption"].astype(str)))
     return load_prompts(params.prompts.source)
 
 
@@ -237,15 +237,6 @@ def _current_detector(path: Path, key: str) -> dict | None:
         return None
 
 
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Put the complete folder ``tmp`` at ``dest``: readers see the old detector, none, or the new one."""
-    old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def ensure_detector(plan: DetectorPlan, params: Params, df: pd.DataFrame, fingerprint: str,
                     base_model: Callable[[], FlowPolicy]) -> dict[str, Any]:
     """Reuse the detector at ``plan.path`` if its inputs are unchanged, else train it; returns figures."""
@@ -269,21 +260,20 @@ def ensure_detector(plan: DetectorPlan, params: Params, df: pd.DataFrame, finger
                              guidance_scale=plan.guidance_scale, seed=plan.cfg.seed, num_images=1, batch_size=8)
     gen_seconds = time.perf_counter() - t_gen
     generated = list(to_uint8_hwc(images))
-    tmp = plan.path.with_name(f".tmp-{plan.path.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    report = train_detector(real, generated, tmp, plan.cfg)
-    report.pop("model", None)
-    report["sources"] = {
-        "real": f"{params.invert.manifest} (split train): {len(real)} images",
-        "generated": f"{n_gen} images of the base model {params.model.family}:{params.model.path} for the real "
-                     f"images' captions; deterministic sampler, {plan.num_steps} steps, CFG {plan.guidance_scale}, "
-                     f"seeds ({plan.cfg.seed}, i)"}
-    report["generation_images_per_second"] = n_gen / gen_seconds if gen_seconds > 0 else None
-    report["seconds_total"] = time.perf_counter() - t0
-    (tmp / "report.json").write_text(json.dumps(report, indent=2))
-    (tmp / "key.json").write_text(json.dumps({"key": key, "model_fingerprint": fingerprint, "resolution": res,
-                                              "used_by": list(plan.used_by)}, indent=2))
-    _replace_dir(tmp, plan.path)
+    # Built aside and put in place whole: readers see the old detector, none, or the new one.
+    with atomic_dir(plan.path) as tmp:
+        report = train_detector(real, generated, tmp, plan.cfg)
+        report.pop("model", None)
+        report["sources"] = {
+            "real": f"{params.invert.manifest} (split train): {len(real)} images",
+            "generated": f"{n_gen} images of the base model {params.model.family}:{params.model.path} for the real "
+                         f"images' captions; deterministic sampler, {plan.num_steps} steps, CFG {plan.guidance_scale}, "
+                         f"seeds ({plan.cfg.seed}, i)"}
+        report["generation_images_per_second"] = n_gen / gen_seconds if gen_seconds > 0 else None
+        report["seconds_total"] = time.perf_counter() - t0
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "key.json").write_text(json.dumps({"key": key, "model_fingerprint": fingerprint, "resolution": res,
+                                                  "used_by": list(plan.used_by)}, indent=2))
     log.info("detector: trained on %d real vs %d generated images; held-out accuracy %.3f, AUC %.3f -> %s",
              len(real), n_gen, report["val_accuracy"], report["val_auc"], plan.path)
     return {"trained": True, "key": key, "report": report}
@@ -300,12 +290,6 @@ def _detector_metrics(det: dict[str, Any], plan: DetectorPlan) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------- rewards
-def reward_config_hash(params: Params) -> str:
-    """The reward settings an exemplar reward table was made with (training checks it)."""
-    cfg = {"reward": asdict(params.reward), "resolution": params.model.resolution}
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def reward_groups(params: Params, plan: DetectorPlan | None) -> tuple[list[str], list[str]]:
     """``reward.components`` split into those scored anywhere and those needing the detector trained here."""
     opts = params.reward.options
@@ -338,12 +322,7 @@ def _reward_set(params: Params, names: Sequence[str]) -> RewardSet:
 
 def _atomic_parquet(table: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        table.to_parquet(tmp, index=False)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
 
 
 class RewardStore:
@@ -424,17 +403,13 @@ def score_blocks(params: Params, df: pd.DataFrame, names: Sequence[str], keys: l
     return values, scored
 
 
-def part_file(out: Path, part: int, num_parts: int) -> Path:
-    return out / "parts" / f"part-{part:04d}-of-{num_parts:04d}.parquet"
-
-
 def _part_blocks(n_rows: int, part: int, num_parts: int) -> list[int]:
     return [b for b in range(_blocks(n_rows)) if b % num_parts == part]
 
 
 def score_part(params: Params, out: Path, part: int, num_parts: int, plan: DetectorPlan | None) -> dict[str, Any]:
     """A part job: the components not needing the detector trained here, for this part's blocks."""
-    df = read_manifest(params.invert.manifest)
+    df = read_manifest(params.invert.manifest, error=PrecomputeError, nonempty=True)
     base_names, _ = reward_groups(params, plan)
     keys = _row_keys(df, _group_hash(params, base_names))
     blocks = _part_blocks(len(df), part, num_parts)
@@ -443,7 +418,7 @@ def score_part(params: Params, out: Path, part: int, num_parts: int, plan: Detec
                                   desc=f"score exemplars part {part}/{num_parts}")
     seconds = time.perf_counter() - t0
     rows = sorted(values)
-    path = part_file(out, part, num_parts)
+    path = part_file(out, part, num_parts, "parquet")
     _atomic_parquet(pd.DataFrame({"row": rows, "id": [str(df["id"][i]) for i in rows], "key": [keys[i] for i in rows],
                                   "scored": [i in scored for i in rows],
                                   "values": [json.dumps(values[i]) for i in rows]}), path)
@@ -457,14 +432,14 @@ def read_parts(out: Path, num_parts: int, n_rows: int, keys: list[str]) -> tuple
     """Gather every part file, checking each is there and holds the current rows and settings."""
     values: dict[int, dict[str, float]] = {}
     scored: set[int] = set()
-    missing = [p for p in range(num_parts) if not part_file(out, p, num_parts).is_file()]
+    missing = [p for p in range(num_parts) if not part_file(out, p, num_parts, "parquet").is_file()]
     if missing:
-        paths = ", ".join(str(part_file(out, p, num_parts)) for p in missing)
-        raise PrecomputeError(f"{len(missing)} of {num_parts} part file(s) missing: {paths}; run `portraitgen "
-                              f"precompute --params ... --out {out} --part {missing[0]} --num-parts {num_parts}` "
+        paths = ", ".join(str(part_file(out, p, num_parts, "parquet")) for p in missing)
+        raise PrecomputeError(f"{len(missing)} of {num_parts} part file(s) missing: {paths}; run "
+                              f"`{part_command('precompute', out, missing[0], num_parts)}` "
                               f"(and the other missing parts) before the merge")
     for p in range(num_parts):
-        path = part_file(out, p, num_parts)
+        path = part_file(out, p, num_parts, "parquet")
         try:
             table = pd.read_parquet(path)
         except Exception as exc:
@@ -473,8 +448,7 @@ def read_parts(out: Path, num_parts: int, n_rows: int, keys: list[str]) -> tuple
                 for i in range(b * SCORE_BLOCK, min((b + 1) * SCORE_BLOCK, n_rows))]
         if list(table["row"]) != rows or list(table["key"]) != [keys[i] for i in rows]:
             raise PrecomputeError(f"part file {path} was made from other exemplars or reward settings than the current "
-                                  f"ones; re-run `portraitgen precompute --params ... --out {out} --part {p} "
-                                  f"--num-parts {num_parts}`")
+                                  f"ones; re-run `{part_command('precompute', out, p, num_parts)}`")
         for i, s, v in zip(table["row"], table["scored"], table["values"]):
             values[int(i)] = json.loads(v)
             if s:
@@ -577,7 +551,7 @@ def run_bench_embeddings(params: Params, out_dir: str | Path) -> dict[str, Any]:
     if not prompts:
         raise PrecomputeError("--bench-only: no PortraitBench prompt to embed (portraitgen.bench.suite cannot be "
                               "imported)")
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_output(out)
     fingerprint = model_fingerprint(params.model.family, params.model.path)
     base = _BaseModel(params)
     t0 = time.perf_counter()
@@ -602,19 +576,15 @@ def run_precompute(params: Params, out_dir: str | Path, *, part: int | None = No
             raise PrecomputeError("--bench-only embeds PortraitBench's prompts in one process: leave out --part, "
                                   "--num-parts and --merge-only")
         return run_bench_embeddings(params, out)
-    if num_parts < 1:
-        raise PrecomputeError(f"--num-parts must be at least 1, got {num_parts}")
-    if part is not None and not 0 <= part < num_parts:
-        raise PrecomputeError(f"--part {part} is outside 0..{num_parts - 1}")
-    if merge_only and (part is not None or num_parts < 2):
-        raise PrecomputeError("--merge-only gathers the part files of --num-parts N part jobs (N > 1), without --part")
-    out.mkdir(parents=True, exist_ok=True)
+    parts = Parts.checked(part, num_parts, merge_only, error=PrecomputeError)
+    out = open_output(out)
     plan = detector_plan(params, out)  # bad detector options fail before any model loads
-    if part is not None and num_parts > 1:
+    if parts.scattered:
         return score_part(params, out, part, num_parts, plan)
 
     training = training_prompts(params)  # a bad prompt source fails here, early
-    df = read_manifest(params.invert.manifest) if Path(params.invert.manifest).is_file() else None
+    df = (read_manifest(params.invert.manifest, error=PrecomputeError, nonempty=True)
+          if Path(params.invert.manifest).is_file() else None)
     if df is None and (plan is not None or merge_only):
         why = f"{plan.used_by[0]}: training the detector" if plan is not None else "--merge-only"
         raise PrecomputeError(f"{why} needs the curated manifest, but {params.invert.manifest} is missing "
@@ -646,11 +616,10 @@ def run_precompute(params: Params, out_dir: str | Path, *, part: int | None = No
         log.warning("no curated manifest at %s: exemplar rewards skipped", params.invert.manifest)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
 
-    tracker = Tracker(params.tracking, stage="precompute", active=True,
-                      params={"reward.components": json.dumps(params.reward.components),
-                              "precompute.num_parts": num_parts, "precompute.prompts": len(training)},
-                      tags={"portraitgen.model_family": params.model.family})
-    try:
+    with tracked(params.tracking, "precompute",
+                 params={"reward.components": json.dumps(params.reward.components),
+                         "precompute.num_parts": num_parts, "precompute.prompts": len(training)},
+                 tags={"portraitgen.model_family": params.model.family}) as tracker:
         tracker.log_metrics({k: v for k, v in summary.items()
                              if isinstance(v, (int, float)) and v is not None and np.isfinite(v)}, 0)
         if (out / "exemplar_rewards.parquet").is_file():
@@ -658,6 +627,4 @@ def run_precompute(params: Params, out_dir: str | Path, *, part: int | None = No
         if plan is not None:
             tracker.log_artifact(plan.path / "report.json", artifact_path="detector")
         tracker.log_artifact(out / "metrics.json")
-    finally:
-        tracker.end()
     return summary

@@ -22,12 +22,22 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
 
 from .policies.base import Conditioning, FlowPolicy
 
 StepType = Literal["sde", "cps"]
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def seeded_generator(*key: int) -> torch.Generator:
+    """A CPU generator whose seed is a hash of ``key`` (independent streams for different keys).
+
+    Every random draw of training, inversion, generation and the bench comes from one of these, keyed by
+    what the draw is for (seed, iteration, sample index, purpose), never by where it runs."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed & ((1 << 63) - 1))
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,8 @@ from tqdm.auto import tqdm
 
 from ..config import BENCH_LABEL_CHARS, BENCH_RESERVED_LABELS, Params, flatten
 from ..embeddings import EmbeddingCache, EmbeddingCacheError, encode_one
+from ..io import atomic_write, atomic_write_text
+from ..stage import Parts, open_output, part_command, part_file, tracked
 from .compare import ID_COLUMNS, compare_pairs, feature_distance, per_category
 from .metrics import (FEATURE_NAMES, RAW_KEYS, ArtifactThresholds, FeatureScaler, analyse_image, diversity,
                       load_reference, reward_column_info, reward_columns)
@@ -305,7 +307,7 @@ def sample_batch(policy, batch: Sequence[SuitePrompt], seeds: Sequence[int], *, 
     """``[len(batch) * len(seeds), 3, R, R]`` images in [0, 1], prompt-major, quantised to 8 bits (as saved).
     ``conditioning`` maps prompts to their conditioning (default: the policy's text encoders)."""
     from ..sampling import randn_per_sample, rollout
-    from ..training import seeded_generator
+    from ..sampling import seeded_generator
 
     shape = policy.latent_shape(resolution, resolution)
     sigmas = policy.sigmas(num_steps, resolution, resolution)
@@ -398,22 +400,15 @@ def run_part(params: Params, models: Sequence[BenchModel], suite: Sequence[Suite
 
 
 # ---------------------------------------------------------------------------------------------- parts
-def part_file(out_dir: Path, part: int, num_parts: int) -> Path:
-    return out_dir / "parts" / f"part-{part:04d}-of-{num_parts:04d}.parquet"
-
-
 def write_part(out_dir: Path, part: int, num_parts: int, table: pd.DataFrame, meta: dict[str, Any]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = part_file(out_dir, part, num_parts)
+    path = part_file(out_dir, part, num_parts, "parquet")
     path.parent.mkdir(parents=True, exist_ok=True)
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), PART_META_KEY: json.dumps(meta)})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(arrow, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(arrow, tmp))
 
 
 def read_parts(out_dir: Path, num_parts: int, fp: str, params_hint: str) -> tuple[pd.DataFrame, dict]:
@@ -421,8 +416,8 @@ def read_parts(out_dir: Path, num_parts: int, fp: str, params_hint: str) -> tupl
 
     tables, info, batch_sizes = [], {}, {}
     for p in range(num_parts):
-        path = part_file(out_dir, p, num_parts)
-        hint = f"run `portraitgen bench --params {params_hint} --out {out_dir} --part {p} --num-parts {num_parts}`"
+        path = part_file(out_dir, p, num_parts, "parquet")
+        hint = f"run `{part_command('bench', out_dir, p, num_parts, params_hint)}`"
         if not path.is_file():
             raise BenchError(f"part {p} of {num_parts} is missing: {path}; {hint} before the merge")
         try:
@@ -514,15 +509,11 @@ def remove_stale_images(out_dir: Path, keep: set[str]) -> int:
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def _write_json(data: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def _finite(x: Any) -> bool:
@@ -596,17 +587,13 @@ def merge(params: Params, models: Sequence[BenchModel], baseline: str, suite: Se
 # ---------------------------------------------------------------------------------------------- report
 def report_and_track(params: Params, out_dir: Path, summary: Mapping[str, Any], models: Sequence[BenchModel]) -> None:
     """The report (report.py, when present) and the stage's MLflow run, which the report logs into."""
-    from ..tracking import Tracker
-
     settings = json.loads(json.dumps(dataclasses.asdict(params.bench)))  # tuples as lists: "[0, 1]"
     settings["models"] = {m.label: m.spec for m in models}  # what was benched (--model replaces bench.models)
     run_params = {f"bench.{k}": v for k, v in flatten(settings).items()}
     run_params.update({"model.family": params.model.family, "model.path": params.model.path,
                        "model.resolution": params.model.resolution})
-    tracker = Tracker(params.tracking, stage="bench", active=True, params=run_params,
-                      tags={"portraitgen.bench.suite": str(summary["suite"])})
-    status = "FAILED"
-    try:
+    with tracked(params.tracking, "bench", params=run_params,
+                 tags={"portraitgen.bench.suite": str(summary["suite"])}) as tracker:
         try:
             from .report import write_report
         except ModuleNotFoundError as exc:
@@ -620,9 +607,6 @@ def report_and_track(params: Params, out_dir: Path, summary: Mapping[str, Any], 
             tracker.log_artifact(out_dir / "metrics.json", "bench")
         else:
             write_report(out_dir, tracker)
-        status = "FINISHED"
-    finally:
-        tracker.end(status)
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -633,24 +617,18 @@ def run_bench(params: Params, out_dir: str | Path, *, models: Mapping[str, str] 
     write the artifacts and (``report``) the report and MLflow run. ``models`` (label -> path) replaces
     ``bench.models``; ``params_path`` only appears in messages."""
     out = Path(out_dir)
-    if num_parts < 1:
-        raise BenchError(f"--num-parts must be at least 1, got {num_parts}")
-    if part is not None and not 0 <= part < num_parts:
-        raise BenchError(f"--part {part} is outside 0..{num_parts - 1}")
-    if merge_only and part is not None:
-        raise BenchError("--merge-only gathers every part: leave out --part")
+    parts = Parts.checked(part, num_parts, merge_only, error=BenchError)
     if batch_size < 1:
         raise BenchError(f"--batch-size must be at least 1, got {batch_size}")
     b = params.bench
     suite = load_suite(b.suite, b.subset)
     bench_models, baseline = resolve_models(params, models, baseline)
-    scattered = part is not None and num_parts > 1
-    if not scattered:
+    if not parts.scattered:
         check_reference(b.reference)
     fp = fingerprint(params, bench_models, suite)
     # A missing, stale or incomplete bench.prompt_embeddings fails here, before any model loads.
     caches = {} if merge_only else conditioning_sources(params, bench_models, open_prompt_embeddings(params, suite))
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_output(out)
     t_start = time.perf_counter()
     if merge_only:
         table, reward_info = read_parts(out, num_parts, fp, params_path)
@@ -664,7 +642,7 @@ def run_bench(params: Params, out_dir: str | Path, *, models: Mapping[str, str] 
             raise BenchError(f"bench.reward: {exc}") from None
         device = "cuda" if torch.cuda.is_available() else "cpu"
         tables, reward_info, timing = [], {}, {"load": 0.0, "sample": 0.0, "score": 0.0}
-        for p in ([part] if part is not None else range(num_parts)):
+        for p in parts.to_run:
             t, info, tm = run_part(params, bench_models, suite, rewards, out, part=p, num_parts=num_parts,
                                    batch_size=batch_size, device=device, caches=caches)
             reward_info.update(info)
@@ -680,8 +658,8 @@ def run_bench(params: Params, out_dir: str | Path, *, models: Mapping[str, str] 
                  "(sampling %.2f, scoring %.2f), %.1f s loading models", len(table), n // len(bench_models),
                  len(bench_models), len(b.seeds), timing["sample"] + timing["score"],
                  (timing["sample"] + timing["score"]) / n, timing["sample"] / n, timing["score"] / n, timing["load"])
-        if scattered:
-            path = part_file(out, part, num_parts)
+        if parts.scattered:
+            path = part_file(out, part, num_parts, "parquet")
             log.info("bench part %d/%d: %d images -> %s", part, num_parts, len(table), path)
             return {"part": part, "num_parts": num_parts, "images": len(table), "file": str(path), **timing}
     summary = merge(params, bench_models, baseline, suite, table, reward_info, out)
