@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpointing, export
+from . import checkpointing, export, jsonl
 from .advantages import group_advantages
 from .config import Params, flatten, params_to_dict
 from .ema import EMA
@@ -710,27 +710,22 @@ class GRPOTrainer:
         """Rewrite metrics.jsonl from the history (so a resumed run drops rows past its checkpoint)."""
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+            jsonl.rewrite(self.out_dir / "metrics.jsonl", self.history)
 
     def _append_history(self, record: dict[str, float]) -> None:
         """One line per iteration (rewriting the whole file each time grows with the run's length)."""
         if self.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            jsonl.append(self.out_dir / "metrics.jsonl", [record])
 
     def _truncate_samples(self) -> None:
-        """Keep only samples.jsonl rows of iterations before ``start_iteration`` (resume)."""
-        path = self.out_dir / "samples.jsonl"
-        if self.is_main and path.is_file():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["iteration"] < self.start_iteration]
-            _atomic_write(path, "".join(ln + "\n" for ln in keep))
+        """Keep only samples.jsonl rows of iterations before ``start_iteration`` (resume); a partial last
+        line left by a kill or a full disk is dropped with a warning (portraitgen/jsonl.py)."""
+        if self.is_main:
+            jsonl.repair(self.out_dir / "samples.jsonl", keep=lambda r: r["iteration"] < self.start_iteration)
 
     def _append_samples(self, iteration: int) -> None:
         if self.is_main:
-            with open(self.out_dir / "samples.jsonl", "a") as f:
-                for row in self._sample_rows:
-                    f.write(json.dumps({"iteration": iteration, **row}) + "\n")
+            jsonl.append(self.out_dir / "samples.jsonl", [{"iteration": iteration, **row} for row in self._sample_rows])
 
     def _log_grid(self, iteration: int, batch: LocalBatch) -> None:
         if not self.is_main or self.tracker is None or not self.tracker.enabled:
@@ -897,12 +892,6 @@ def _record_event(device: torch.device):
     event = torch.cuda.Event()
     event.record()
     return event
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def summarize(history: list[dict[str, float]]) -> dict[str, Any]:
