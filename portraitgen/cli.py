@@ -357,6 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Verbs that take no output lock: ablation's --out is a params file; launch-train starts `portraitgen train`,
+# which takes the lock of the same --out itself.
+_OUT_IS_NOT_A_FOLDER = ("ablation", "launch-train")
+
+
+def _output_lock(args: argparse.Namespace):
+    """One writer per output folder (portraitgen/locking.py): every verb writing an --out folder holds its
+    lock (a scattered part job, the lock of its part) for the whole command."""
+    import contextlib
+
+    from .locking import output_lock
+
+    out = getattr(args, "out", None)
+    if not out or args.command in _OUT_IS_NOT_A_FOLDER:
+        return contextlib.nullcontext()
+    return output_lock(out, part=getattr(args, "part", None), num_parts=getattr(args, "num_parts", 1) or 1,
+                       role="bench-only" if getattr(args, "bench_only", False) else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
@@ -375,12 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     from .prompts import PromptSourceError
     from .rewards import RewardError
     from .training import TrainingSetupError
+    from .locking import OutputLockedError
 
     try:
-        return args.func(args)
+        with _output_lock(args):
+            return args.func(args)
     except (AblationError, ConfigError, CheckpointError, ModelSpecError, ModelPathError, PromptSourceError, RewardError,
             TrainingSetupError, InvertError, ShardError, CurateError, EmbeddingCacheError, ExemplarError,
-            ImageReadError) as exc:
+            ImageReadError, OutputLockedError) as exc:
         print(f"portraitgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
