@@ -5,6 +5,7 @@ training seeds to repeat each one with:
 
     baseline: plain                  # the variant the others are compared with (PortraitBench verdicts)
     seeds: [42, 43]                  # every variant runs once per seed (sets `seed`)
+    common: {train.iterations: 40}   # overrides every variant shares (applied before the variant's own)
     variants:
       plain: {train.exemplars.per_group: 0}
       exemplar: {}                   # params.yaml as it is
@@ -30,7 +31,7 @@ import copy
 import re
 import shlex
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,11 @@ class Ablation:
     seeds: tuple[int, ...]
     variants: dict[str, dict[str, Any]]
     source: Path
+    common: dict[str, Any] = field(default_factory=dict)  # overrides shared by every variant
+
+    def overrides(self, variant: str) -> dict[str, Any]:
+        """The dotted-key overrides of ``variant``: the common ones, then its own (which win)."""
+        return {**self.common, **self.variants[variant]}
 
     @property
     def runs(self) -> list[str]:
@@ -83,9 +89,12 @@ def load_ablation(path: str | Path) -> Ablation:
     data = read_yaml(path, "ablation file", AblationError)
     if not isinstance(data, dict):
         raise AblationError(f"{path}: expected a mapping with keys baseline, seeds, variants")
-    unknown = set(data) - {"baseline", "seeds", "variants"}
+    unknown = set(data) - {"baseline", "seeds", "variants", "common"}
     if unknown:
-        raise AblationError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected baseline, seeds, variants")
+        raise AblationError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected baseline, seeds, variants, common")
+    common = data.get("common") or {}
+    if not isinstance(common, dict):
+        raise AblationError(f"{path}: 'common' must be a mapping of dotted params keys to values")
     variants = data.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise AblationError(f"{path}: 'variants' must be a non-empty mapping of name -> {{dotted.key: value}}")
@@ -103,7 +112,7 @@ def load_ablation(path: str | Path) -> Ablation:
     baseline = data.get("baseline", next(iter(variants)))
     if baseline not in variants:
         raise AblationError(f"{path}: baseline {baseline!r} is not a variant; variants: {', '.join(variants)}")
-    return Ablation(baseline=baseline, seeds=tuple(seeds), variants=dict(variants), source=path)
+    return Ablation(baseline=baseline, seeds=tuple(seeds), variants=dict(variants), source=path, common=dict(common))
 
 
 def _set(tree: dict, dotted: str, value: Any, where: str) -> None:
@@ -122,8 +131,8 @@ def run_params(base_params: str | Path, ablation: Ablation, run: str, run_dir: s
     variant, seed = ablation.split(run)
     data = yaml.safe_load(Path(base_params).read_text())
     data = copy.deepcopy(data)
-    for dotted, value in ablation.variants[variant].items():
-        _set(data, dotted, value, f"{ablation.source}: variants.{variant}")
+    for dotted, value in ablation.overrides(variant).items():
+        _set(data, dotted, value, f"{ablation.source}: variants.{variant} (or common)")
     _set(data, "seed", seed, "seed")
     run_dir = Path(run_dir)
     for dotted, rel in RUN_PATHS.items():
@@ -159,7 +168,8 @@ def _dvc_value(value: Any) -> str:
 def dvc_commands(ablation: Ablation) -> list[list[str]]:
     """One queued ``dvc exp run`` per run, then running the queue."""
     commands = []
-    for variant, overrides in ablation.variants.items():
+    for variant in ablation.variants:
+        overrides = ablation.overrides(variant)
         for seed in ablation.seeds:
             cmd = ["dvc", "exp", "run", "--queue", "--name", run_name(variant, seed).replace(".", "_"),
                    "-S", f"seed={seed}"]

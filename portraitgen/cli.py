@@ -187,6 +187,10 @@ def cmd_ablation(args: argparse.Namespace) -> int:
             raise SystemExit("portraitgen ablation params: --run and --out are required")
         write_run_params(args.params, args.variants, args.run, args.out)
         return 0
+    if args.action == "report":
+        from .ablation_report import report_cli
+
+        return report_cli(args)
     return run_dvc(ablation, execute=args.execute)
 
 
@@ -344,13 +348,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     ab = sub.add_parser("ablation", help="variants of params.yaml trained and benchmarked side by side",
                         description="list: the runs (variant x seed); params: write one run's params file; "
-                                    "dvc: print (with --execute: queue and run) one DVC experiment per run")
-    ab.add_argument("action", choices=["list", "params", "dvc"])
+                                    "dvc: print (with --execute: queue and run) one DVC experiment per run; "
+                                    "report: variants pooled over seeds, intervals, curves (portraitgen/ablation_report.py)")
+    ab.add_argument("action", choices=["list", "params", "dvc", "report"])
     ab.add_argument("--variants", default="ablation.yaml", help="the ablation file (default: ablation.yaml)")
     ab.add_argument("--params", default="params.yaml", help="the base params file")
     ab.add_argument("--run", help="params: the run's name, <variant>-s<seed>")
     ab.add_argument("--out", help="params: where to write the run's params file")
     ab.add_argument("--execute", action="store_true", help="dvc: queue the experiments and run the queue")
+    ab.add_argument("--root", default="results/ablation",
+                    help="report: the folder holding the runs (<run>/train) and their bench (bench/)")
+    ab.add_argument("--against", action="append", default=[],
+                    help="report: also compare every variant with this one (e.g. the supervised control); repeatable")
+    ab.add_argument("--detector", default="",
+                    help="report: the planted-artifact detector (portraitgen pretrain's output); '' = no artifact rate")
     ab.set_defaults(func=cmd_ablation)
     for verb in sub.choices.values():  # every verb's --help shows the flags' defaults
         verb.formatter_class = HelpFormatter

@@ -1,6 +1,7 @@
 """Ablation files: variants x seeds -> per-run params files and DVC experiment commands."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,21 @@ def test_run_params_override_keys_set_the_seed_and_own_the_stage_outputs(tmp_pat
     assert data["curate"] == base["curate"] and data["invert"]["manifest"] == base["invert"]["manifest"]
 
 
+def test_common_overrides_apply_to_every_variant_and_the_variant_wins(tmp_path):
+    path = _write(tmp_path, "seeds: [5]\ncommon: {train.iterations: 7, train.lr: 0.02}\nvariants:\n"
+                            "  plain: {train.exemplars.per_group: 0}\n  fast: {train.lr: 0.05}\n")
+    ablation = load_ablation(path)
+    plain = run_params(REPO / "params.yaml", ablation, "plain-s5", tmp_path / "plain-s5")
+    fast = run_params(REPO / "params.yaml", ablation, "fast-s5", tmp_path / "fast-s5")
+    assert plain["train"]["iterations"] == fast["train"]["iterations"] == 7
+    assert plain["train"]["lr"] == 0.02 and fast["train"]["lr"] == 0.05
+    assert dvc_commands(ablation)[1][-4:] == ["-S", "train.iterations=7", "-S", "train.lr=0.05"]
+
+
 @pytest.mark.parametrize("text, message", [
     ("variants: {}\n", "'variants' must be a non-empty mapping"),
     ("seeds: [1]\nvariants: {a: {}}\nextra: 1\n", "unknown key 'extra'"),
+    ("common: [1]\nvariants: {a: {}}\n", "'common' must be a mapping"),
     ("baseline: b\nvariants: {a: {}}\n", "baseline 'b' is not a variant"),
     ("seeds: [one]\nvariants: {a: {}}\n", "'seeds' must be a non-empty list of integers"),
     ("variants: {'a b': {}}\n", "variant name 'a b'"),
@@ -182,3 +195,79 @@ def test_trainer_with_the_supervised_term_trains_on_the_exemplar_images(tmp_path
     assert rec["sft/grad_share"] == pytest.approx(0.125, abs=1e-4)  # every optimizer step had a GRPO gradient
     with pytest.raises(Exception, match="train.sft.share"):
         params_from_dict(fast_params(**{"train.sft.share": 1.0}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report: variants pooled over seeds (portraitgen/ablation_report.py)
+# ----------------------------------------------------------------------------------------------------
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from portraitgen import ablation_report as ar  # noqa: E402
+
+
+def _synthetic_table(shift: float, seed_spread: float, n_prompts=12, runs=3, bench_seeds=2, rng_seed=0):
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for variant, offset in (("plain", 0.0), ("exemplar", shift)):
+        for r in range(runs):
+            run_offset = rng.normal(0, seed_spread)
+            for p in range(n_prompts):
+                for s in range(bench_seeds):
+                    rows.append({"model": f"{variant}-s{r}", "variant": variant, "train_seed": r,
+                                 "prompt_id": f"p{p}", "seed": s,
+                                 "score": 0.5 + offset + run_offset + 0.05 * p / n_prompts + rng.normal(0, 0.02)})
+    return pd.DataFrame(rows)
+
+
+def test_pooled_comparison_finds_a_real_shift_and_not_a_null_one():
+    kw = {"n_boot": 400, "confidence": 0.95, "seed": 0}
+    shifted = _synthetic_table(shift=0.2, seed_spread=0.01)
+    table, comp = ar.compare_variants(shifted, {"score": "image"}, ["plain", "exemplar"], [("exemplar", "plain")], **kw)
+    row = comp.iloc[0]
+    assert row["diff"] == pytest.approx(0.2, abs=0.03) and row["lo"] > 0.1 and row["verdict"] == "differs"
+    assert set(table["variant"]) == {"plain", "exemplar"} and (table["runs"] == 3).all()
+    null = _synthetic_table(shift=0.0, seed_spread=0.01, rng_seed=1)
+    assert ar.compare_variants(null, {"score": "image"}, ["plain", "exemplar"], [("exemplar", "plain")],
+                               **kw)[1].iloc[0]["verdict"] == ""
+
+
+def test_training_seed_spread_widens_the_interval():
+    """Between-seed variation is resampled: the same mean shift is not significant when seeds disagree."""
+    kw = {"n_boot": 400, "confidence": 0.95, "seed": 0}
+    tight = ar.compare_variants(_synthetic_table(0.05, 0.001), {"score": "image"}, ["plain", "exemplar"],
+                                [("exemplar", "plain")], **kw)[1].iloc[0]
+    loose = ar.compare_variants(_synthetic_table(0.05, 0.2), {"score": "image"}, ["plain", "exemplar"],
+                                [("exemplar", "plain")], **kw)[1].iloc[0]
+    assert (loose["hi"] - loose["lo"]) > 5 * (tight["hi"] - tight["lo"])
+    assert tight["verdict"] == "differs" and loose["verdict"] == ""
+
+
+def test_seed_diversity_is_zero_for_a_collapsed_variant():
+    table = pd.DataFrame({"variant": ["a"] * 3 + ["b"] * 3, "prompt_id": ["p"] * 6, "seed": [0] * 6})
+    z = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
+    div = ar.seed_diversity(table, z)
+    assert np.allclose(div[:3], 0.0)
+    assert div[4] == pytest.approx(5.0 / np.sqrt(2))  # distance 5 to each of the others, / sqrt(dim)
+
+
+def test_chroma_separates_grey_from_colour():
+    grey = np.full((8, 8, 3), 120, dtype=np.uint8)
+    red = np.zeros((8, 8, 3), dtype=np.uint8)
+    red[..., 0] = 200
+    assert ar.chroma(grey) == pytest.approx(0.0, abs=1e-3) and ar.chroma(red) > 50
+
+
+def test_reward_curves_use_the_generated_samples_reward(tmp_path):
+    ablation = load_ablation(_write(tmp_path, "baseline: plain\nseeds: [1]\nvariants:\n  plain: {}\n  ex: {}\n"))
+    runs = ar.runs_of(ablation, tmp_path)
+    for run, rec in zip(runs, ({"reward/mean": 0.3}, {"reward/mean": 0.9, "generated/reward_mean": 0.4})):
+        run.train_dir.mkdir(parents=True)
+        (run.train_dir / "metrics.jsonl").write_text(json.dumps({"iteration": 0, **rec}) + "\n")
+    curves = ar.reward_curves(runs)
+    assert curves.set_index("variant")["value"].to_dict() == {"plain": 0.3, "ex": 0.4}
+    path = ar.plot_curves(curves, tmp_path / "c.png")
+    assert path.stat().st_size > 1000
+    runs[0].train_dir.joinpath("metrics.jsonl").unlink()
+    with pytest.raises(ar.AblationReportError, match="plain-s1.*has not trained|has not trained"):
+        ar.reward_curves(runs)
