@@ -47,8 +47,10 @@ from typing import Any
 import numpy as np
 
 from . import captions as cap
-from . import demo_portraits, faces, quality
+from . import demo_portraits, faces, manifest, quality
 from .config import CurateConfig, Params, flatten
+from .io import atomic_write_bytes
+from .stage import Parts, open_output, part_command, part_file, tracked
 
 log = logging.getLogger(__name__)
 
@@ -254,9 +256,7 @@ def analyse_bytes(data: bytes, settings: dict[str, Any]) -> tuple[dict[str, Any]
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
 
 
 @dataclass(frozen=True)
@@ -344,10 +344,6 @@ def analyse_all(paths: list[str], cache_dir: Path, settings: dict[str, Any], wor
 
 
 # ================================================================================================ parts
-def part_file(out_dir: Path, part: int, num_parts: int) -> Path:
-    return out_dir / "parts" / f"part-{part:04d}-of-{num_parts:04d}.jsonl"
-
-
 def _fingerprint(rels: list[str], settings: dict[str, Any]) -> str:
     payload = json.dumps({"rels": rels, "settings": settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -355,7 +351,7 @@ def _fingerprint(rels: list[str], settings: dict[str, Any]) -> str:
 
 def write_part(out_dir: Path, part: int, num_parts: int, items: list[Item], records: list[dict],
                settings: dict[str, Any]) -> Path:
-    path = part_file(out_dir, part, num_parts)
+    path = part_file(out_dir, part, num_parts, "jsonl")
     header = {"part": part, "num_parts": num_parts, "fingerprint": _fingerprint([i.rel for i in items], settings)}
     lines = [json.dumps(header, sort_keys=True)]
     lines += [json.dumps({"rel": it.rel, **rec}, sort_keys=True) for it, rec in zip(items, records)]
@@ -364,9 +360,8 @@ def write_part(out_dir: Path, part: int, num_parts: int, items: list[Item], reco
 
 
 def read_part(out_dir: Path, part: int, num_parts: int, items: list[Item], settings: dict[str, Any]) -> list[dict]:
-    path = part_file(out_dir, part, num_parts)
-    hint = (f"run `portraitgen curate --params ... --out {out_dir} --part {part} --num-parts {num_parts}` "
-            f"before the merge")
+    path = part_file(out_dir, part, num_parts, "jsonl")
+    hint = f"run `{part_command('curate', out_dir, part, num_parts)}` before the merge"
     if not path.is_file():
         raise CurateError(f"part {part} of {num_parts} is missing: {path}; {hint}")
     lines = path.read_text().splitlines()
@@ -429,9 +424,8 @@ def quality_score(rec: dict[str, Any], resolution: int) -> float:
 
 
 def split_of(image_id: str, c: CurateConfig) -> str:
-    """'bench_reference' for a fixed pseudo-random fraction of ids: independent of the other images."""
-    u = int(hashlib.sha256(f"{c.split_seed}:{image_id}".encode()).hexdigest()[:15], 16) / float(1 << 60)
-    return "bench_reference" if u < c.bench_fraction else "train"
+    """The manifest split of an image id under the curate settings (:func:`portraitgen.manifest.split_of`)."""
+    return manifest.split_of(image_id, c.split_seed, c.bench_fraction)
 
 
 def _read_list(path: str, key: str) -> set[str]:
@@ -452,36 +446,10 @@ def _listed(entries: set[str], item: Item, rec: dict[str, Any]) -> bool:
 
 
 # ================================================================================================ outputs
-MANIFEST_FIELDS: list[tuple[str, str]] = [
-    ("id", "string"), ("content_hash", "string"), ("source_path", "string"), ("image_path", "string"),
-    ("crop_box", "list"), ("face_box", "list"), ("width", "int"), ("height", "int"), ("crop_side", "int"),
-    ("upscale", "float"), ("num_faces", "int"), ("face_frac", "float"), ("face_to_crop", "float"),
-    ("blur", "float"), ("sharpness", "float"), ("brightness", "float"), ("contrast", "float"),
-    ("clipped", "float"), ("colourfulness", "float"), ("quality", "float"), ("greyscale", "bool"),
-    ("phash", "string"), ("format", "string"), ("source_mode", "string"), ("exif_orientation", "int"),
-    ("caption", "string"), ("caption_source", "string"), ("attributes", "string"), ("split", "string"),
-    ("origin", "string"),
-]
 REJECTED_FIELDS: list[tuple[str, str]] = [
     ("source_path", "string"), ("content_hash", "string"), ("reason", "string"), ("detail", "string"),
     ("width", "int"), ("height", "int"), ("origin", "string"),
 ]
-
-
-def write_parquet(path: Path, rows: list[dict[str, Any]], fields: list[tuple[str, str]],
-                  metadata: dict[str, str] | None = None) -> None:
-    """Deterministic parquet: explicit schema, given row order, no pandas/timestamp metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    types = {"string": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),
-             "list": pa.list_(pa.int64())}
-    schema = pa.schema([pa.field(n, types[t]) for n, t in fields],
-                       metadata={k.encode(): v.encode() for k, v in (metadata or {}).items()})
-    table = pa.Table.from_pylist([{n: r.get(n) for n, _ in fields} for r in rows], schema=schema)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -513,12 +481,8 @@ def run_curate(params: Params, out_dir: str | Path, *, part: int | None = None, 
     """The stage: analyse (all parts, or one) and, unless running one part of several, judge and write."""
     from . import curate_report
 
-    if num_parts < 1:
-        raise CurateError(f"--num-parts must be at least 1, got {num_parts}")
-    if part is not None and not 0 <= part < num_parts:
-        raise CurateError(f"--part {part} is outside 0..{num_parts - 1}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = Parts.checked(part, num_parts, merge_only, error=CurateError)
+    out_dir = open_output(out_dir)
     t0 = time.perf_counter()
     c = params.curate
     # Fail on bad list/caption files before any work.
@@ -547,7 +511,7 @@ def run_curate(params: Params, out_dir: str | Path, *, part: int | None = None, 
     records: list[dict[str, Any] | None] = [None] * len(listing.items)
     t_analyse = time.perf_counter()
     if not merge_only:
-        for p in ([part] if part is not None else range(num_parts)):
+        for p in parts.to_run:
             idx = by_part.get(p, [])
             items = [listing.items[i] for i in idx]
             recs = analyse_all([it.path for it in items], cache_dir, settings, workers, CropWhen(c, res),
@@ -562,9 +526,9 @@ def run_curate(params: Params, out_dir: str | Path, *, part: int | None = None, 
 
     analysed = [r for r in records if r is not None]
     counts = tally(analysed)
-    if part is not None and num_parts > 1:
+    if parts.scattered:
         log.info("curate part %d/%d: %d files (%d analysed, %d from cache) -> %s", part, num_parts, len(analysed),
-                 counts["processed"], counts["cached"], part_file(out_dir, part, num_parts))
+                 counts["processed"], counts["cached"], part_file(out_dir, part, num_parts, "jsonl"))
         return {"part": part, "num_parts": num_parts, "files": len(analysed), **counts}
     if merge_only:
         for p in range(num_parts):
@@ -665,9 +629,9 @@ def run_curate(params: Params, out_dir: str | Path, *, part: int | None = None, 
         _place(cache_dir / r["crop_file"], images / f"{r['id']}.png")
     provenance = {"portraitgen.curate": json.dumps({"curate": asdict(c), "model.resolution": res,
                                                     "analysis": settings}, sort_keys=True)}
-    write_parquet(out_dir / "manifest.parquet", kept, MANIFEST_FIELDS, provenance)
+    manifest.write_manifest(out_dir / manifest.FILE, kept, provenance)
     rejected.sort(key=lambda r: (r["source_path"], r["reason"]))
-    write_parquet(out_dir / "rejected.parquet", rejected, REJECTED_FIELDS, provenance)
+    manifest.write_table(out_dir / "rejected.parquet", rejected, REJECTED_FIELDS, provenance)
 
     by_reason = {reason: 0 for reason in REASONS}
     for r in rejected:
@@ -728,12 +692,8 @@ def assign_captions(kept: list[dict[str, Any]], sidecar: cap.SidecarCaptions | N
 
 
 def _track(params: Params, out_dir: Path, metrics: dict[str, Any], report: Path, sheet: Path) -> None:
-    from .tracking import Tracker
-
-    tracker = Tracker(params.tracking, stage="curate", active=True,
-                      params={**flatten({"curate": asdict(params.curate)}),
-                              "model.resolution": params.model.resolution})
-    try:
+    with tracked(params.tracking, "curate", params={**flatten({"curate": asdict(params.curate)}),
+                                                    "model.resolution": params.model.resolution}) as tracker:
         flat = flatten({k: v for k, v in metrics.items() if k != "captions"})
         flat.update({f"captions.{k}": v for k, v in metrics["captions"].items()})
         tracker.log_metrics({k: v for k, v in flat.items() if isinstance(v, (int, float)) and v is not None}, 0)
@@ -742,5 +702,3 @@ def _track(params: Params, out_dir: Path, metrics: dict[str, Any], report: Path,
         tracker.log_artifact(out_dir / "metrics.json")
         tracker.log_artifact(out_dir / "manifest.parquet")
         tracker.log_artifact(out_dir / "rejected.parquet")
-    finally:
-        tracker.end()

@@ -46,10 +46,10 @@ def _load(path: Path | None, side: int):
 def write(out_dir: Path, kept: list[dict], rejected: list[dict], metrics: dict, cache_dir: Path) -> tuple[Path, Path]:
     from PIL import Image, ImageDraw
 
-    from .curate import REASONS
-
     kept_show = _spread(kept, MAX_KEPT)
-    rej_show = {reason: [r for r in rejected if r["reason"] == reason][:MAX_PER_REASON] for reason in REASONS}
+    # metrics["rejected_by_reason"] lists every reason in curate's order (this module imports no stage).
+    rej_show = {reason: [r for r in rejected if r["reason"] == reason][:MAX_PER_REASON]
+                for reason in metrics["rejected_by_reason"]}
     rej_show = {k: v for k, v in rej_show.items() if v}
 
     def data_uri(im) -> str:

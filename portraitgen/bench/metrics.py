@@ -215,6 +215,7 @@ def load_reference(source: str, resolution: int) -> tuple[list[np.ndarray], str]
     a folder or manifest of images, or ``builtin:portraits`` (two photos shipped in wheels, widened by
     crops and rescales). Returns the images and a one-line description of what was used.
     """
+    from .. import manifest
     from ..images import ImageReadError, load_image
     from ..rewards.real_images import augment, builtin_portraits, image_paths
     from .suite import BenchError
@@ -239,8 +240,9 @@ def load_reference(source: str, resolution: int) -> tuple[list[np.ndarray], str]
         df = pd.read_parquet(path)
         if "image_path" not in df.columns:
             raise BenchError(f"bench.reference: {path} has no 'image_path' column")
-        if "split" in df.columns and (df["split"] == "bench_reference").any():
-            df = df[df["split"] == "bench_reference"]
+        reference = manifest.split_rows(df, manifest.BENCH_REFERENCE)
+        if reference is not None and len(reference):
+            df = reference
             what = f"{path} (split bench_reference)"
         else:
             log.warning("bench.reference: %s has no rows in split bench_reference; using all %d rows (the real "
@@ -248,7 +250,7 @@ def load_reference(source: str, resolution: int) -> tuple[list[np.ndarray], str]
             what = f"{path} (all rows: no bench_reference split)"
         if "id" in df.columns:
             df = df.sort_values("id")
-        files = [p if p.is_absolute() else path.parent / p for p in map(Path, df["image_path"].astype(str))]
+        files = [manifest.image_file(path, p) for p in df["image_path"].astype(str)]
     else:
         try:
             files = image_paths(path)
