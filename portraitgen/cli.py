@@ -206,14 +206,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _add_part_args(parser: argparse.ArgumentParser, *, part: str, num_parts: str, merge: str) -> None:
-    """--part/--num-parts/--merge-only: scatter a stage over cluster jobs, then gather."""
-    parser.add_argument("--part", type=int, help=part)
-    parser.add_argument("--num-parts", type=int, default=1, help=num_parts)
-    parser.add_argument("--merge-only", action="store_true", help=merge)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .stage import add_part_args  # --part/--num-parts/--merge-only, the same for every scattered stage
+
     parser = argparse.ArgumentParser(prog="portraitgen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logging")
@@ -239,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--params", default="params.yaml", help="params file; its sections configure the stage (docs/workflow.md)")
     cu.add_argument("--out", default="results/curate",
                     help="output folder (manifest.parquet, images/, rejected.parquet, metrics.json, report.html)")
-    _add_part_args(cu, part="analyse only this part (0-based) of --num-parts and write parts/part-I-of-N.jsonl; "
+    add_part_args(cu, part="analyse only this part (0-based) of --num-parts and write parts/part-I-of-N.jsonl; "
                             "no merge", num_parts="split the files into this many parts",
                    merge="only read the --num-parts part files and write outputs")
     cu.add_argument("--workers", type=int, default=None,
@@ -249,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     iv = sub.add_parser("invert", help="invert curated portraits into trajectory shards (+ index and report)")
     iv.add_argument("--params", default="params.yaml", help="params file; its sections configure the stage (docs/workflow.md)")
     iv.add_argument("--out", default="results/invert", help="output folder (shards/, index.parquet, report.html)")
-    _add_part_args(iv, part="run only this part (0-based) of --num-parts; no merge",
+    add_part_args(iv, part="run only this part (0-based) of --num-parts; no merge",
                    num_parts="split the shards into this many parts",
                    merge="only verify the shards and write the index")
     iv.add_argument("--batch-size", type=int, default=int(os.environ.get("PORTRAITGEN_INVERT_BATCH", 4)),
@@ -262,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--out", default="results/precompute",
                     help="output folder (prompt_embeddings.safetensors, exemplar_rewards.parquet, detector/, cache/; "
                          "with --bench-only bench_prompt_embeddings.safetensors)")
-    _add_part_args(pc, part="score the exemplar rewards of only this part (0-based) of --num-parts and write "
+    add_part_args(pc, part="score the exemplar rewards of only this part (0-based) of --num-parts and write "
                             "parts/part-I-of-N.parquet; no embeddings, detector or merge",
                    num_parts="split the exemplars into this many parts",
                    merge="gather the --num-parts part files, then embed prompts, train the detector and "
@@ -280,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
                     help="a model to bench (repeatable; replaces bench.models): base=base, grpo=results/train, ...")
     be.add_argument("--baseline", help="the label the others are compared with (default: bench.baseline)")
-    _add_part_args(be, part="sample and score only this prompt shard (0-based) of --num-parts and write "
+    add_part_args(be, part="sample and score only this prompt shard (0-based) of --num-parts and write "
                             "parts/part-I-of-N.parquet; no merge", num_parts="split the prompts into this many parts",
                    merge="only read the --num-parts part files, then compute metrics and comparisons and write outputs")
     be.add_argument("--batch-size", type=int, default=int(os.environ.get("PORTRAITGEN_BENCH_BATCH", 8)),
