@@ -157,6 +157,27 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    from .config import load_params
+    from .stages import dvc_yaml_text
+
+    text = dvc_yaml_text(load_params(args.params))
+    if args.check:
+        path = Path(args.file)
+        if path.is_file() and path.read_text() == text:
+            return 0
+        print(f"{path} is stale or missing: regenerate it from portraitgen/stages.py and {args.params} with "
+              f"`portraitgen dvc-yaml --write`", file=sys.stderr)
+        return 1
+    if args.write:
+        from .io import atomic_write_text
+
+        atomic_write_text(Path(args.file), text)
+        return 0
+    print(text, end="")
+    return 0
+
+
 def cmd_mlflow_parent(args: argparse.Namespace) -> int:
     from .pipeline_run import end_parent_run, main_start
 
@@ -173,6 +194,31 @@ def cmd_tracked(args: argparse.Namespace) -> int:
 
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     return run_tracked(args.params, command, launcher=args.launcher)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import load_params
+    from .pretrain.stage import PretrainError, run_pretrain
+
+    _torch_threads()
+    try:
+        metrics = run_pretrain(load_params(args.params), args.out)
+    except PretrainError as exc:
+        print(f"portraitgen pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: metrics.get(k) for k in ("face_rate_samples", "face_rate_real", "artifact_rate_samples",
+                                                  "artifact_rate_real_held_out", "train_seconds")}))
+    return 0
+
+
+def _torch_threads() -> None:
+    """One torch thread per process unless OMP_NUM_THREADS says otherwise: on a shared CPU two threads
+    were 5-13x slower than one (processes, not threads, are the unit of parallel work here)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
@@ -283,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "bench must use the same value). Env: PORTRAITGEN_BENCH_BATCH")
     be.set_defaults(func=cmd_bench)
 
+    pt = sub.add_parser("pretrain", help="pretrain the toy base model on real faces (with the planted artifact) "
+                                         "and train the planted-artifact detector (docs/pretrain.md)")
+    pt.add_argument("--params", default="params.yaml")
+    pt.add_argument("--out", default="results/pretrain",
+                    help="output folder (model/ = a diffusers folder for model.path, artifact_detector/, "
+                         "metrics.json, samples.png, loss.csv); reused while its inputs and settings are unchanged")
+    pt.set_defaults(func=cmd_pretrain)
+
     ge = sub.add_parser("generate", help="make images from a base model, an exported model or a training run")
     ge.add_argument("--model", required=True,
                     help="training output folder, exported final/ folder, diffusers folder, or builtin:tiny")
@@ -323,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--check", metavar="FILE", help="exit 1 unless FILE holds the current schema")
     sc.set_defaults(func=cmd_schema)
 
+    dy = sub.add_parser("dvc-yaml", help="print, write or check dvc.yaml, generated from the stage table "
+                                         "(portraitgen/stages.py) and params.yaml")
+    dy.add_argument("--params", default="params.yaml", help="the params whose paths give the stages' deps")
+    dy.add_argument("--file", default="dvc.yaml", help="the dvc.yaml to write or check (default: dvc.yaml)")
+    mode = dy.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write the file")
+    mode.add_argument("--check", action="store_true", help="exit 1 unless the file is current")
+    dy.set_defaults(func=cmd_dvc_yaml)
+
     mp = sub.add_parser("mlflow-parent", help="start/end the MLflow parent run of a pipeline invocation")
     mp.add_argument("action", choices=["start", "end"])
     mp.add_argument("--params", default="params.yaml", help="its `tracking` section says where the run goes")
@@ -358,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--detector", default="",
                     help="report: the planted-artifact detector (portraitgen pretrain's output); '' = no artifact rate")
     ab.set_defaults(func=cmd_ablation)
+    from .serving import add_cli as add_reward_server_cli
+
+    add_reward_server_cli(sub)  # `portraitgen reward-server` (portraitgen/serving)
     for verb in sub.choices.values():  # every verb's --help shows the flags' defaults
         verb.formatter_class = HelpFormatter
     return parser

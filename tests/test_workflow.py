@@ -247,9 +247,14 @@ def test_snakefile_and_dvc_yaml_agree(project):
 
 def test_params_keys_are_real_sections_and_exclude_tracking(project):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    from portraitgen.fingerprint import training_params_keys
+
     keys = dvc_stages(project)["train"]["params"]
-    assert keys == ["seed", "model", "prompts", "sample", "train", "reward"]
-    assert set(keys) <= set(params)
+    # The training keys (portraitgen/fingerprint.py): whole sections, and `sample` without its eval steps.
+    assert keys == training_params_keys()
+    assert keys[:3] == ["seed", "model", "prompts"] and keys[-2:] == ["train", "reward"]
+    assert "sample.noise_level" in keys and "sample.eval_num_steps" not in keys
+    assert {k.split(".")[0] for k in keys} <= set(params)
     assert "tracking" in params and "tracking" not in keys
 
 
@@ -479,7 +484,8 @@ def test_dvc_repro_keeps_checkpoints(project, stub_env):
     _edit_params(project, "tracking", "experiment", "other")
     assert "up to date" in dvc(project, "status", env=env()).stdout
     _edit_params(project, "sample", "noise_level", 0.9)
-    assert re.search(r"params.yaml:\s+modified:\s+sample$", dvc(project, "status", env=env()).stdout, re.M)
+    assert re.search(r"params.yaml:\s+modified:\s+sample.noise_level$", dvc(project, "status", env=env()).stdout,
+                     re.M)
     dvc(project, "repro", env=env())
     last = calls()[-1]
     assert last["resumed_from"] == ["ckpt-0"]

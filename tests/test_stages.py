@@ -1,0 +1,60 @@
+"""The stage table (portraitgen/stages.py): dvc.yaml is generated from it, and the files a stage reads
+come from params (a path into another stage's folder is a dependency on that stage)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from portraitgen.cli import main
+from portraitgen.config import load_params, params_from_dict
+from portraitgen.stages import STAGES, producer, stage, stage_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dvc_yaml_is_generated_from_the_table(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    assert main(["dvc-yaml", "--check"]) == 0, "dvc.yaml is stale: run `portraitgen dvc-yaml --write`"
+    stale = tmp_path / "dvc.yaml"
+    stale.write_text((REPO / "dvc.yaml").read_text().replace("results/train/final", "results/train/model"))
+    assert main(["dvc-yaml", "--check", "--file", str(stale)]) == 1
+    assert main(["dvc-yaml", "--write", "--file", str(stale)]) == 0
+    assert stale.read_text() == (REPO / "dvc.yaml").read_text()
+    stages = yaml.safe_load(stale.read_text())["stages"]
+    assert list(stages) == [s.name for s in STAGES]
+
+
+def test_paths_into_a_stage_folder_depend_on_that_stage():
+    assert producer("results/train")[1] == "results/train/final"  # a training output folder: its model
+    assert producer("results/train/final/")[1] == "results/train/final"
+    assert producer("results/precompute/detector")[1] == "results/precompute/metrics.json"  # undeclared cache
+    assert producer("results/precompute/bench_prompt_embeddings.safetensors")[0].name == "bench_embeddings"
+    assert producer("results/ablation/plain-s1/invert/index.parquet")[1] == "results/ablation/plain-s1/invert/index.parquet"
+    assert producer("/data/photos") is None and producer("results/detector") is None
+
+
+def test_a_detector_trained_by_precompute_orders_its_readers_after_it():
+    """ai_portrait with backend detector (not only ai_portrait_detector) reads precompute's detector."""
+    reward = {"components": {"ai_portrait": 1.0},
+              "options": {"ai_portrait": {"backend": "detector", "path": "results/precompute/detector"}}}
+    params = params_from_dict({"reward": reward, "bench": {"reward": reward}, "train": {"prompt_embeddings": ""}})
+    for name in ("train", "bench"):
+        assert "results/precompute/metrics.json" in stage_inputs(stage(name), params), name
+    assert "results/precompute/metrics.json" not in stage_inputs(stage("precompute"), params)  # it trains it
+
+
+def test_a_model_made_by_a_stage_is_a_dependency_of_every_stage_that_loads_it():
+    params = params_from_dict({"model": {"path": "results/train/final"}})
+    loading = [s.name for s in STAGES if "results/train/final" in stage_inputs(s, params)]
+    assert loading == ["invert", "precompute", "bench_embeddings", "bench"]  # train makes it; curate never loads it
+    user = params_from_dict({"model": {"path": "/models/sd3"}})
+    assert all("/models/sd3" not in stage_inputs(s, user) for s in STAGES)  # a user's model folder is not hashed
+
+
+def test_default_params_read_the_other_stages_outputs():
+    params = load_params(REPO / "params.yaml")
+    assert stage_inputs(stage("train"), params) == ["results/invert/index.parquet",
+                                                    "results/precompute/exemplar_rewards.parquet",
+                                                    "results/precompute/prompt_embeddings.safetensors"]
+    assert stage_inputs(stage("curate"), params) == []
