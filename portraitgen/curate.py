@@ -701,4 +701,5 @@ def _track(params: Params, out_dir: Path, metrics: dict[str, Any], report: Path,
         tracker.log_artifact(sheet)
         tracker.log_artifact(out_dir / "metrics.json")
         tracker.log_artifact(out_dir / "manifest.parquet")
+        tracker.log_dataset(out_dir / "manifest.parquet", name="curated-portraits", context="curated")
         tracker.log_artifact(out_dir / "rejected.parquet")

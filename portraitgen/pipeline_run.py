@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Params, flatten, load_params, params_to_dict
+from .run_context import run_tags
 from .tracking import PARENT_ENV
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,6 @@ def _experiment_id(client, name: str) -> str:
     return exp.experiment_id if exp is not None else client.create_experiment(name)
 
 
-def _git_commit(cwd: Path) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
-
-
 def start_parent_run(params_path: str | Path, *, launcher: str, command: str = "") -> str | None:
     """Create the parent run; return its id (None when tracking is disabled in the params)."""
     params = load_params(params_path)
@@ -61,9 +54,7 @@ def start_parent_run(params_path: str | Path, *, launcher: str, command: str = "
     tags = {STAGE_TAG: "pipeline", "portraitgen.launcher": launcher, "mlflow.source.name": launcher}
     if command:
         tags["portraitgen.command"] = command[:5000]
-    commit = _git_commit(Path(params_path).resolve().parent)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+    tags.update(run_tags(Path(params_path).resolve().parent))  # git commit; the DVC experiment, when inside one
     run = client.create_run(_experiment_id(client, params.tracking.experiment), run_name=f"pipeline ({launcher})",
                             tags=tags)
     run_id = run.info.run_id
@@ -96,7 +87,9 @@ def end_parent_run(params_path: str | Path, run_id: str, status: str = "FINISHED
     for child in children:
         stage = child.data.tags.get(STAGE_TAG, child.info.run_name or "stage")
         for key, value in child.data.metrics.items():
-            metrics.append(Metric(f"{stage}/{key}", value, timestamp, 0))
+            # A stage that already prefixes its keys (bench/<pair>/...) is not prefixed twice.
+            name = key if key.startswith(f"{stage}/") else f"{stage}/{key}"
+            metrics.append(Metric(name, value, timestamp, 0))
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
     client.set_tag(run_id, "portraitgen.stages", ",".join(sorted(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import TrackingConfig
+from .run_context import experiment_parent, run_tags
 
 log = logging.getLogger(__name__)
 PARENT_ENV = "PORTRAITGEN_PARENT_RUN_ID"
@@ -30,9 +31,14 @@ class Tracker:
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(cfg.uri)
-        mlflow.set_experiment(cfg.experiment)
-        all_tags = {"portraitgen.stage": stage, **(tags or {})}
+        experiment = mlflow.set_experiment(cfg.experiment)
+        # Every stage run names the commit it ran and, inside `dvc exp run`, its DVC experiment (run_context).
+        all_tags = {**run_tags(), "portraitgen.stage": stage, **(tags or {})}
         parent = os.environ.get(PARENT_ENV)
+        try:
+            parent = experiment_parent(mlflow.tracking.MlflowClient(), experiment.experiment_id, parent)
+        except Exception as exc:  # the stage's own run matters more than its grouping
+            log.warning("cannot file this run under its DVC experiment's parent run (%s)", exc)
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         run = None
@@ -81,6 +87,16 @@ class Tracker:
         """A DataFrame as an MLflow table (viewable and comparable in the UI's artifact/evaluation views)."""
         if self.enabled:
             self._mlflow.log_table(data, artifact_file=artifact_file)
+
+    def log_dataset(self, path: str | Path, *, name: str, context: str) -> None:
+        """A parquet table (e.g. the curated manifest) as the run's dataset input: its name, source path,
+        digest and schema show in the run's "Datasets" panel and link runs that used the same data."""
+        if self.enabled:
+            import mlflow.data
+            import pandas as pd
+
+            dataset = mlflow.data.from_pandas(pd.read_parquet(path), source=str(Path(path).resolve()), name=name)
+            self._mlflow.log_input(dataset, context=context)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         if self.enabled:

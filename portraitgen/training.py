@@ -63,6 +63,7 @@ from .rewards import RewardSet
 from .sft_loss import supervised_term
 from .sampling import (Trajectory, randn_per_sample, rollout, step_mean, step_std, stochastic_step,
                        to_device_async)
+from .logged_model import log_trained_model, training_datasets
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -827,6 +828,7 @@ class GRPOTrainer:
             (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
             if self.tracker is not None:
                 self.tracker.log_dict(summary, "metrics.json")
+                log_trained_model(self.tracker, summary, final, datasets=training_datasets(self.params))
         self.accelerator.wait_for_everyone()
         return summary
 
