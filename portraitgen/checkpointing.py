@@ -6,7 +6,9 @@ EMA, the metric history and the RNG states. Every other random draw in training 
 for a resumed run to continue exactly as if it had never stopped.
 
 Folders are written under a temporary name and renamed when complete (``state.json`` last), so a run
-killed mid-save leaves no checkpoint that a later run would trust.
+killed mid-save leaves no checkpoint that a later run would trust. Every file is listed with its SHA-256
+in the folder's ``SHA256SUMS`` (portraitgen/integrity.py), verified before a resume reads anything: a
+flipped bit is reported as a corrupt checkpoint, never resumed from.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .integrity import IntegrityError, verify_folder, write_folder_checksums
 
 _NAME = re.compile(r"^checkpoint-(\d{6})$")
 
@@ -50,6 +54,7 @@ def save_checkpoint(root: Path, iteration: int, *, trainable: dict[str, torch.Te
     torch.save({"optimizer": optimizer, "scheduler": scheduler, "ema": ema, "rng": rng_state()},
                tmp / "training_state.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "iteration": iteration}, indent=1, default=float))
+    write_folder_checksums(tmp)
     if final.exists():  # an identical iteration saved by an earlier, interrupted run
         shutil.rmtree(final)
     tmp.rename(final)
@@ -67,6 +72,11 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        verify_folder(path, f"move it away (`rm -r {path}`) and re-run: training resumes from the checkpoint "
+                            f"before it, or from the start", what="checkpoint")
+    except IntegrityError as exc:
+        raise CheckpointError(str(exc)) from None
     try:
         state = json.loads((path / "state.json").read_text())
         trainable = load_file(str(path / "trainable.safetensors"))

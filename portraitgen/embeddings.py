@@ -20,6 +20,10 @@ batch a prompt is encoded in (measured on the tiny SD3 encoders: pooled CLIP out
 between a batch of 1 and of 16), so an embedding that is a function of its prompt alone is what lets a
 stored entry sit next to newly encoded ones, and what keeps cached and live embeddings bit-identical.
 The cost is one forward pass per prompt, once per prompt for the lifetime of the store.
+
+Cache files and chunks carry a ``.sha256`` sidecar (portraitgen/integrity.py), verified before they are
+read: a damaged cache file is an error naming it and the stage to re-run; a damaged chunk is ignored
+(its prompts are encoded again).
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import safe_open
+
+from .integrity import IntegrityError, rerun, sidecar, verify_file, write_checksum
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -109,6 +115,7 @@ def _save_cache(path: Path, prompts: list[str], tensors: Conditioning, model_fin
     if keys is not None:
         meta["keys"] = json.dumps(keys)
     _atomic_save(path, tensors, meta)
+    write_checksum(path)
     return path
 
 
@@ -131,6 +138,7 @@ class EmbeddingStore:
         self._chunk_keys: dict[Path, list[str]] = {}
         for path in sorted(self.root.glob(CHUNK_GLOB)):
             try:
+                verify_file(path, "its prompts are encoded again")
                 with safe_open(str(path), framework="pt") as f:
                     keys = json.loads((f.metadata() or {})["keys"])
             except Exception as exc:  # damaged or foreign: never trusted, overwritten when needed
@@ -146,6 +154,7 @@ class EmbeddingStore:
     def add(self, keys: list[str], prompts: list[str], tensors: Conditioning) -> Path:
         path = self.root / f"emb-{hashlib.sha256('|'.join(keys).encode()).hexdigest()[:16]}.safetensors"
         _atomic_save(path, tensors, {"keys": json.dumps(keys), "prompts": json.dumps(prompts)})
+        write_checksum(path)
         self._chunk_keys[path] = list(keys)
         for row, key in enumerate(keys):
             self.entries[key] = (path, row)
@@ -172,6 +181,7 @@ class EmbeddingStore:
             if wanted.isdisjoint(keys):
                 log.info("embedding store: removing %s (none of its %d prompts is used now)", path.name, len(keys))
                 path.unlink(missing_ok=True)
+                sidecar(path).unlink(missing_ok=True)
                 del self._chunk_keys[path]
                 removed += 1
         self.entries = {k: v for k, v in self.entries.items() if v[0] in self._chunk_keys}
@@ -240,6 +250,12 @@ class EmbeddingCache:
         self.key, self.remedy = key, remedy
         if not self.path.is_file():
             raise EmbeddingCacheError(f"{key}: {self.path} not found ({remedy})")
+        # Verified before it is parsed: a flipped bit is "corrupt", not "made by another model".
+        rule = "bench_embeddings" if key.startswith("bench") else "precompute"
+        try:
+            verify_file(self.path, rerun(rule, remedy.removeprefix("run ").strip("`")), what=f"{key}:")
+        except IntegrityError as exc:
+            raise EmbeddingCacheError(str(exc)) from None
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}
             self.tensors = {k: f.get_tensor(k) for k in f.keys()}

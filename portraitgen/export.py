@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .integrity import IntegrityError, rerun, verify_folder, write_folder_checksums
 from .policies import FlowPolicy, load_policy
 
 MANIFEST = "portraitgen.json"
@@ -38,6 +39,7 @@ def export_policy(policy: FlowPolicy, out_dir: Path, *, base_model: str, family:
     manifest = {"family": family, "base_model": base, "finetune": finetune, "ema": ema,
                 "lora": dataclasses.asdict(lora) if finetune == "lora" else None}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_folder_checksums(tmp)  # SHA256SUMS, verified by load_trained (portraitgen/integrity.py)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -67,6 +69,11 @@ def load_trained(model: str, family: str | None = None, device="cpu") -> FlowPol
         path = path / "final"
     manifest_file = path / MANIFEST
     if manifest_file.is_file():
+        try:
+            verify_folder(path, rerun("train", "portraitgen train --params params.yaml --out <the training folder>"),
+                          what="exported model")
+        except IntegrityError as exc:
+            raise ModelSpecError(str(exc)) from None
         spec = json.loads(manifest_file.read_text())
         if spec["finetune"] == "full":
             return load_policy(spec["family"], str(path), device=device)

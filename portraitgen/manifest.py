@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from .integrity import IntegrityError, recorded_checksum, rerun, verify_file, write_checksum
 from .io import atomic_write
 
 FILE = "manifest.parquet"
@@ -62,7 +63,10 @@ def write_table(path: str | Path, rows: list[dict[str, Any]], fields: list[tuple
 
 
 def write_manifest(path: str | Path, rows: list[dict[str, Any]], metadata: dict[str, str] | None = None) -> Path:
-    return write_table(path, rows, FIELDS, metadata)
+    """The manifest and its ``.sha256`` sidecar, which every reader verifies (portraitgen/integrity.py)."""
+    out = write_table(path, rows, FIELDS, metadata)
+    write_checksum(out)
+    return out
 
 
 def split_rows(df: pd.DataFrame, split: str) -> pd.DataFrame | None:
@@ -84,6 +88,14 @@ def read_manifest(path: str | Path, *, split: str = TRAIN, key: str = "invert.ma
     if not path.is_file():
         raise error(f"{key}: manifest not found: {path} (run `portraitgen curate` first, or point {key} at a "
                     f"parquet file with columns {', '.join(REQUIRED_COLUMNS)})")
+    # Verified before it is parsed: a flipped bit in a parquet file often still reads, with changed data.
+    # A manifest made by hand has no sidecar and is read as it is.
+    if recorded_checksum(path) is not None:
+        try:
+            verify_file(path, rerun("curate", "portraitgen curate --params params.yaml --out results/curate"),
+                        what=f"{key}:")
+        except IntegrityError as exc:
+            raise error(str(exc)) from None
     df = pd.read_parquet(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:

@@ -70,6 +70,7 @@ from tqdm.auto import tqdm
 
 from .config import Params, reward_config_hash
 from .embeddings import write_cache
+from .integrity import write_checksum
 from .images import load_image
 from .io import atomic_dir, atomic_write
 from .manifest import read_manifest
@@ -500,6 +501,7 @@ def score_exemplars(params: Params, out: Path, df: pd.DataFrame, plan: DetectorP
     seconds = time.perf_counter() - t0
     table = _assemble(params, df, base, det, det_key if det_names else "")
     _atomic_parquet(table, out / "exemplar_rewards.parquet")
+    write_checksum(out / "exemplar_rewards.parquet")  # training verifies it before reading (portraitgen/integrity.py)
     store.prune(set(base_keys) | set(det_keys))
     scored = base_scored | det_scored
     here = len(base_here) + len(det_scored)  # images scored in this process

@@ -8,7 +8,8 @@ the current inputs give is valid for them, and is never recomputed.
 
 Every shard is written to a temporary name, flushed and renamed; its SHA-256 goes to a ``.sha256``
 sidecar written the same way, after the shard. A reader verifies the checksum, so a half-written or
-damaged shard is reported by name instead of being trusted.
+damaged shard is reported by name instead of being trusted. (portraitgen/integrity.py applies the same
+scheme to every other artifact a later stage trusts.)
 """
 from __future__ import annotations
 
@@ -22,19 +23,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .integrity import sha256_file  # the checksum scheme started here; portraitgen/integrity.py extends it
+
 SHARD_GLOB = "shard-*.safetensors"
 
 
 class ShardError(RuntimeError):
     """A shard is missing, incomplete or does not match its checksum."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def exemplar_key(content_hash: str, caption: str, model_fingerprint: str, config: dict[str, Any]) -> str:

@@ -56,6 +56,7 @@ from .exemplars import ExemplarBank
 from .fingerprint import fingerprint_hash, semantic_fingerprint
 from .hardware import Hardware
 from .images import load_image
+from .integrity import IntegrityError, rerun, verify_file
 from .policies import FlowPolicy, cond_select, load_policy, model_fingerprint, resolve_model_path
 from .profiling import PhaseTimeline
 from .prompts import load_prompts
@@ -230,6 +231,11 @@ class GRPOTrainer:
 
         if not Path(path).is_file():
             raise TrainingSetupError(f"train.exemplars.rewards: {path} not found (run `portraitgen precompute`)")
+        try:  # verified before it is parsed: a damaged table is named as such, with the way to re-make it
+            verify_file(path, rerun("precompute", "portraitgen precompute --params params.yaml --out results/precompute"),
+                        what="train.exemplars.rewards:")
+        except IntegrityError as exc:
+            raise TrainingSetupError(str(exc)) from None
         table = pd.read_parquet(path)
         if (table["reward_config"] != reward_config_hash(self.params)).any():
             raise TrainingSetupError(f"train.exemplars.rewards: {path} was scored with another reward config; "

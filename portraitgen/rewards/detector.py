@@ -32,6 +32,7 @@ from torch import nn
 
 from .registry import PartsReward, RewardError
 from .simple import to_uint8_hwc
+from ..integrity import IntegrityError, verify_file, write_checksum
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,8 @@ def save_detector(net: FaceDetectorNet, cfg: DetectorConfig, report: dict, out_d
     (out / "detector.json").write_text(json.dumps({"format": "portraitgen-face-detector/1", "config": asdict(cfg),
                                                    "report": clean}, indent=2))
     (out / "report.json").write_text(json.dumps(clean, indent=2))
+    for name in ("detector.safetensors", "detector.json"):  # verified by load_detector (portraitgen/integrity.py)
+        write_checksum(out / name)
     return out
 
 
@@ -247,6 +250,13 @@ def load_detector(path: str | Path) -> tuple[FaceDetectorNet, DetectorConfig]:
     if not (meta_path.is_file() and weights.is_file()):
         raise RewardError(f"detector path {str(path)!r}: expected detector.json and detector.safetensors "
                           "(train one with `portraitgen train-detector`)")
+    recovery = (f"re-make it: `snakemake --forcerun precompute` where precompute trains it, or "
+                f"`portraitgen train-detector --real ... --generated ... --out {path}`")
+    try:
+        for file in (weights, meta_path):
+            verify_file(file, recovery, what="detector")
+    except IntegrityError as exc:
+        raise RewardError(str(exc)) from None
     meta = json.loads(meta_path.read_text())
     cfg = DetectorConfig(**meta["config"])
     net = FaceDetectorNet(cfg.width)

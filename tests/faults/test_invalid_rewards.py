@@ -12,12 +12,12 @@ import torch
 
 from portraitgen.advantages import STD_EPS, group_advantages
 from portraitgen.config import params_from_dict
-from portraitgen.invert import run_invert
+from portraitgen.integrity import write_checksum
 from portraitgen.rewards import RewardError, RewardSet, register_reward
 from portraitgen.rewards.simple import to_uint8_hwc
 from portraitgen.training import GRPOTrainer, TrainingSetupError
 
-from helpers import fast_params, make_manifest
+from helpers import fast_params
 
 
 @register_reward("test_faults_nan_on_odd")
@@ -114,16 +114,6 @@ def test_trainer_never_trains_on_a_masked_sample(tmp_path):
     assert stats["reward/mean"] == pytest.approx(total[~odd].mean(), rel=1e-6)
 
 
-@pytest.fixture(scope="module")
-def exemplar_index(tmp_path_factory):
-    root = tmp_path_factory.mktemp("exemplars")
-    captions = ["a portrait photo of a smiling woman", "a headshot of an old man"] * 2
-    manifest = make_manifest(root / "curate", n=4, size=32, captions=captions)
-    p = params_from_dict(fast_params(**{"invert.manifest": str(manifest), "invert.diagnostic_samples": 2}))
-    run_invert(p, root / "invert")
-    return root / "invert" / "index.parquet"
-
-
 def _exemplar_params(index, **overrides):
     return _plain_params(**{"prompts.source": "exemplars", "train.exemplars.index": str(index),
                             "train.exemplars.per_group": 1, **overrides})
@@ -149,6 +139,7 @@ def test_a_non_finite_precomputed_exemplar_reward_names_the_file_and_the_exempla
     table.loc[2, "brightness"] = math.nan
     path = tmp_path / "exemplar_rewards.parquet"
     table.to_parquet(path, index=False)
+    write_checksum(path)  # a table as precompute writes it, but for the NaN
     params = _exemplar_params(exemplar_index, **{"reward.components": {"brightness": 1.0},
                                                  "reward.on_invalid": "error", "train.exemplars.rewards": str(path)})
     with pytest.raises(TrainingSetupError, match=rf"{path}: exemplar '{index['id'][2]}' has a non-finite "
