@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, params_from_dict, read_yaml
+from .io import atomic_write_text
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 # Stage outputs a run reads from the runs' own folders (each run inverts/precomputes under its params).
@@ -153,11 +154,8 @@ def write_run_params(base_params: str | Path, ablation_path: str | Path, run: st
     out = Path(out)
     data = run_params(base_params, ablation, run, out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(f"# Ablation run {run}: {base_params} + {ablation.source} (portraitgen ablation params)\n"
-                   + yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(out)
-    return out
+    return atomic_write_text(out, f"# Ablation run {run}: {base_params} + {ablation.source} (portraitgen ablation "
+                                  f"params)\n" + yaml.safe_dump(data, sort_keys=False))
 
 
 def _dvc_value(value: Any) -> str:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_write_bytes
+
 NUM_BACKGROUNDS = 8
 CAPTIONS = {
     "astronaut.png": "a portrait photo of astronaut Eileen Collins in an orange NASA flight suit, "
@@ -34,9 +36,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     if path.is_file() and path.read_bytes() == data:
         return  # keep the file (and its mtime) as it is
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write_bytes(path, data)
 
 
 def _png(array: np.ndarray) -> bytes:

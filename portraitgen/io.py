@@ -73,17 +73,19 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish_dir(tmp: Path, dest: Path) -> bool:
-    """Rename a complete folder ``tmp`` to ``dest`` unless another process already published one.
+def publish_dir(tmp: Path, dest: Path, complete: str) -> bool:
+    """Rename a finished folder ``tmp`` to ``dest`` unless another process already published one.
 
-    For caches built by concurrent processes (tiny models): the first complete folder wins and the
-    others are dropped. Returns whether ``tmp`` was the one published.
+    For caches that concurrent processes may build at once (tiny models): the first complete folder wins
+    and the others are dropped. ``complete``: a file whose presence in ``dest`` means it is complete.
+    Returns whether ``tmp`` was the one published; ``tmp`` is gone either way.
     """
     try:
         tmp.rename(dest)
         return True
     except OSError:
-        if not dest.is_dir() or not any(dest.iterdir()):
+        if not (dest / complete).is_file():
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
         return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

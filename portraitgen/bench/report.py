@@ -44,6 +44,8 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
+from ..io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 GRID_PROMPTS = 6  # prompt/seed pairs shown side by side across models
@@ -891,9 +893,7 @@ def write_report(bench_dir: Path, tracker=None, *, main_metric: str | None = Non
     page, asset_files = render_html(b, assets, grid_prompts=grid_prompts, worst_k=worst_k)
     plot_files = write_plot_data(b, bench_dir / "plots")
     report = bench_dir / "report.html"
-    tmp = bench_dir / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(report)
+    atomic_write_text(report, page)
     log_to_mlflow(b, tracker, report, asset_files + plot_files)
     log.info("bench report: %s (%d verdicts, %d asset files)", report, len(verdicts(b)), len(asset_files))
     return report

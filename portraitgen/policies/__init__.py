@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import publish_dir
 from .base import (Conditioning, FlowPolicy, ModelPathError, cond_batch_size, cond_cat, cond_select,
                    cond_to)
 
@@ -53,13 +54,10 @@ def tiny_model_path(family: str, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{family}-", dir=out.parent))
     try:
         cls.build_tiny_pipeline(seed).save_pretrained(str(tmp))
-        try:
-            tmp.rename(out)  # atomic: concurrent builders race harmlessly, one wins
-        except OSError:
-            if not (out / "model_index.json").is_file():
-                raise
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, out, complete="model_index.json")  # concurrent builders race harmlessly, one wins
     log.info("built tiny %s model at %s", family, out)
     return out
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import publish_dir
+
 QWEN_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                     "<|image_pad|>", "<|video_pad|>"]
 
@@ -81,9 +83,10 @@ def tiny_vlm_path() -> Path:
     if not (final / "config.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tiny-vlm-"))
-        build_tiny_vlm(tmp)
         try:
-            tmp.rename(final)  # atomic: a concurrent builder's folder wins, ours is dropped
-        except OSError:
+            build_tiny_vlm(tmp)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish_dir(tmp, final, complete="config.json")  # a concurrent builder's folder wins, ours is dropped
     return final
