@@ -13,10 +13,7 @@ exemplar: shard, offset, checksum, key, diagnostics), ``metrics.json``, ``report
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
-import io
 import json
 import logging
 import time
@@ -29,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import manifest, shards
+from . import invert_report, manifest, shards
 from .config import Params
 from .images import load_image
 from .inversion import (finite_mean, invert, psnr, regenerate, ssim, trajectory_log_prob,
@@ -93,7 +90,10 @@ class Inverter:
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._uncond.items()} if needed else None
 
     @torch.no_grad()
-    def run(self, images: torch.Tensor, captions: list[str], keys: list[str]) -> dict[str, torch.Tensor]:
+    def run(self, images: torch.Tensor, captions: list[str], keys: list[str],
+            preview: bool = False) -> dict[str, torch.Tensor]:
+        """Invert a batch; with ``preview``, also ``preview`` ``[n, 4, 3, R, R]``: the report's image row
+        (real, VAE round trip, ODE regeneration, bridge end) of each image."""
         p, s, inv = self.p, self.p.sample, self.p.invert
         n = images.shape[0]
         cond = self.policy.encode_prompts(captions)
@@ -132,7 +132,11 @@ class Inverter:
             gen_lp.append(trajectory_log_prob(torch.where(out.trainable[j:j + 1].expand(k, -1), per_step,
                                                           torch.zeros_like(per_step))))
         gen_lp = torch.stack(gen_lp)  # [n, k]
-        return {
+        extra = {}
+        if preview:  # the bridge's last sampled state, before its deterministic landing on x0
+            end = self.policy.decode(out.latents[:, -2])
+            extra["preview"] = torch.stack([images.to(regen.device), vae_rec, regen, end], dim=1).float().cpu()
+        return extra | {
             "latents": out.latents.float().cpu(),
             "trainable": out.trainable.to(torch.uint8).cpu(),
             "log_probs_ref": stats.log_probs.float().cpu(),
@@ -208,9 +212,12 @@ def invert_part(params: Params, out_dir: Path, part: int = 0, num_parts: int = 1
         for lo in range(0, len(missing), batch_size):
             chunk = missing[lo:lo + batch_size]
             images = torch.stack([load_image(df["image_file"][r], res) for r in chunk])
-            result = inverter.run(images, [str(df["caption"][r]) for r in chunk], [keys[r] for r in chunk])
+            result = inverter.run(images, [str(df["caption"][r]) for r in chunk], [keys[r] for r in chunk],
+                                  preview=any(r < invert_report.PREVIEW_COUNT for r in chunk))
             for i, r in enumerate(chunk):
                 entries[r] = {k: result[k][i] for k in PER_EXEMPLAR}
+                if r < invert_report.PREVIEW_COUNT:
+                    invert_report.save_preview(out_dir, str(df["id"][r]), result["preview"][i])
         counts["seconds_total"] += time.perf_counter() - t0
         counts["exemplars_inverted"] += len(missing)
         tensors = {k: torch.stack([entries[r][k] for r in rows]) for k in PER_EXEMPLAR}
@@ -286,45 +293,6 @@ def residual_by_step(out_dir: Path, index: pd.DataFrame) -> np.ndarray:
     return np.nanmean(torch.cat(per_step).numpy(), axis=0)
 
 
-def write_report(out_dir: Path, index: pd.DataFrame, summary: dict[str, Any]) -> Path:
-    """A one-page HTML report: aggregate table, residual-by-step plot, per-exemplar table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3))
-    steps = np.arange(len(summary["residual_ms_by_step"]))
-    vals = [np.nan if v is None else v for v in summary["residual_ms_by_step"]]
-    ax.plot(steps, vals, marker="o", label=f"{summary['mode']} exemplars")
-    ax.axhline(1.0, color="grey", linestyle="--", label="policy noise (1)")
-    ax.set_yscale("log")
-    ax.set_xlabel("transition")
-    ax.set_ylabel("mean standardised residual^2")
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    (out_dir / "residuals.png").write_bytes(buf.getvalue())
-    img = base64.b64encode(buf.getvalue()).decode()
-    agg = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v if not isinstance(v, float) else round(v, 4)))}"
-                  f"</td></tr>" for k, v in summary.items() if k != "residual_ms_by_step")
-    cols = ["id", "caption", "psnr", "ssim", "psnr_vae", "residual_ms", "traj_logprob", "gen_logprob_mean",
-            "gen_logprob_std"]
-    table = index[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", classes="exemplars")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>PortraitGen inversion report</title>"
-            f"<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}"
-            f"td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}}</style></head><body>"
-            f"<h1>Inversion report ({html.escape(str(summary['mode']))})</h1><table>{agg}</table>"
-            f"<h2>Residuals against the policy's SDE mean</h2><p>1 = the policy's own noise; far below = "
-            f"deterministic transitions with atypically high log-probs.</p><img src='data:image/png;base64,{img}'>"
-            f"<h2>Exemplars</h2>{table}</body></html>")
-    path = out_dir / "report.html"
-    path.write_text(page)
-    return path
-
-
 def run_invert(params: Params, out_dir: str | Path, *, part: int | None = None, num_parts: int = 1,
                merge_only: bool = False, batch_size: int = 4) -> dict[str, Any]:
     """The stage: invert (all parts, or one) and, unless running a single part of several, merge."""
@@ -349,7 +317,7 @@ def run_invert(params: Params, out_dir: str | Path, *, part: int | None = None, 
         summary["load_seconds"] = counts["seconds_loading"]
     summary.update({k: v for k, v in counts.items() if not k.startswith("seconds")})
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    report = write_report(out_dir, index, summary)
+    report = invert_report.write(out_dir, index, summary)
     with tracked(params.tracking, "invert", params={f"invert.{k}": v for k, v in asdict(params.invert).items()},
                  tags={"portraitgen.model_family": params.model.family}) as tracker:
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}, 0)
