@@ -258,6 +258,40 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class PretrainArtifactConfig:
+    kind: Literal["specular", "smooth", "oversaturate"] = "specular"  # the planted defect (pretrain/artifacts.py)
+    fraction: float = 0.7  # share of pretraining views that carry it; 0 pretrains a clean control
+
+
+@dataclass(frozen=True)
+class PretrainDetectorConfig:
+    # The planted-artifact CNN: an evaluation measure only, never a training reward.
+    steps: int = 1200  # optimizer steps (batches of 64 views, half planted)
+    lr: float = 2e-3
+    width: int = 16  # channels of its first convolution
+    threshold: float = 0.5  # probability above which an image is flagged
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """``portraitgen pretrain``: the toy base model (docs/pretrain.md), trained at ``model.resolution``."""
+    steps: int = 600  # optimizer steps (~0.5 s each on one CPU thread at 24 px)
+    batch_size: int = 32  # views per step
+    lr: float = 5e-4  # AdamW
+    warmup_steps: int = 20  # linear LR warm-up
+    ema_decay: float = 0.995  # EMA of the weights; the EMA is exported
+    num_layers: int = 4  # MMDiT joint blocks
+    width: int = 128  # transformer channels (heads of 32)
+    caption_dropout: float = 0.1  # share of views trained with the empty prompt (for CFG)
+    holdout: int = 16  # LFW faces kept out of pretraining and the detector's training (its test set)
+    scheduler_shift: float = 1.0  # flow-matching sigma shift saved with the model (SD3 uses 3 at 1024 px)
+    eval_samples: int = 64  # base samples scored for metrics.json (face rate, artifact rate)
+    seed: int = 0
+    artifact: PretrainArtifactConfig = field(default_factory=PretrainArtifactConfig)
+    detector: PretrainDetectorConfig = field(default_factory=PretrainDetectorConfig)
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"  # MLflow tracking URI; a server URI for cluster runs
     experiment: str = "portraitgen"
@@ -276,6 +310,7 @@ class Params:
     invert: InvertConfig = field(default_factory=InvertConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     @property
     def prompts_per_iteration(self) -> int:
@@ -379,8 +414,10 @@ def _check_ranges(p: Params) -> None:
             raise ConfigError(f"params key '{key}': {expected}, got {value!r}")
 
     s, t = p.sample, p.train
-    need(p.model.resolution > 0 and p.model.resolution % 16 == 0, "model.resolution", p.model.resolution,
-         "expected a positive multiple of 16")
+    # A multiple of 8 (the pretrained pixel-codec model works at 24 px); each model checks its own
+    # constraint (VAE downsampling x patch size) when it builds latents.
+    need(p.model.resolution > 0 and p.model.resolution % 8 == 0, "model.resolution", p.model.resolution,
+         "expected a positive multiple of 8")
     need(s.num_steps >= 2, "sample.num_steps", s.num_steps, "expected at least 2")
     need(s.eval_num_steps >= 1, "sample.eval_num_steps", s.eval_num_steps, "expected at least 1")
     need(0.0 < s.noise_level <= 1.0 or (s.step_type == "sde" and s.noise_level > 0), "sample.noise_level",
@@ -461,6 +498,24 @@ def _check_ranges(p: Params) -> None:
     need(p.seed >= 0, "seed", p.seed, "expected >= 0")
     need(p.model.path.strip() != "", "model.path", p.model.path, "expected a local folder or 'builtin:tiny'")
     _check_bench(p.bench, need)
+    _check_pretrain(p.pretrain, need)
+
+
+def _check_pretrain(r: PretrainConfig, need) -> None:
+    for key in ("steps", "batch_size", "num_layers", "eval_samples"):
+        need(getattr(r, key) >= 1, f"pretrain.{key}", getattr(r, key), "expected at least 1")
+    need(r.lr > 0, "pretrain.lr", r.lr, "expected > 0")
+    need(r.warmup_steps >= 0, "pretrain.warmup_steps", r.warmup_steps, "expected >= 0")
+    need(0.0 <= r.ema_decay < 1.0, "pretrain.ema_decay", r.ema_decay, "expected in [0, 1)")
+    need(r.width >= 32 and r.width % 32 == 0, "pretrain.width", r.width, "expected a positive multiple of 32")
+    need(0.0 <= r.caption_dropout < 1.0, "pretrain.caption_dropout", r.caption_dropout, "expected in [0, 1)")
+    need(0 <= r.holdout <= 92, "pretrain.holdout", r.holdout, "expected 0 to 92 of the 100 LFW faces")
+    need(r.scheduler_shift > 0, "pretrain.scheduler_shift", r.scheduler_shift, "expected > 0")
+    need(0.0 <= r.artifact.fraction <= 1.0, "pretrain.artifact.fraction", r.artifact.fraction, "expected in [0, 1]")
+    need(r.detector.steps >= 1, "pretrain.detector.steps", r.detector.steps, "expected at least 1")
+    need(r.detector.lr > 0, "pretrain.detector.lr", r.detector.lr, "expected > 0")
+    need(r.detector.width >= 1, "pretrain.detector.width", r.detector.width, "expected at least 1")
+    need(0.0 < r.detector.threshold < 1.0, "pretrain.detector.threshold", r.detector.threshold, "expected in (0, 1)")
 
 
 BENCH_LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")

@@ -41,8 +41,16 @@ class SD3Policy(FlowPolicy):
     def _encode_prompts(self, prompts: list[str]) -> Conditioning:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length)
+            max_sequence_length=self.t5_tokens)
         return {"prompt_embeds": embeds, "pooled_projections": pooled}
+
+    @property
+    def t5_tokens(self) -> int:
+        """T5 tokens per prompt: ``max_sequence_length``, or fewer when the model's T5 tokenizer says so
+        (the pretrained toy model is trained on 32: its text tokens cost as much compute as its image)."""
+        tok = getattr(self.pipeline, "tokenizer_3", None)
+        limit = getattr(tok, "model_max_length", None) if tok is not None else None
+        return min(self.max_sequence_length, limit) if isinstance(limit, int) and limit > 0 else self.max_sequence_length
 
     def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         scheduler = copy.deepcopy(self.pipeline.scheduler)
