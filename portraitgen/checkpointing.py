@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .integrity import IntegrityError, verify_folder, write_folder_checksums
+from .io import atomic_dir
 
 _NAME = re.compile(r"^checkpoint-(\d{6})$")
 
@@ -47,17 +48,13 @@ def save_checkpoint(root: Path, iteration: int, *, trainable: dict[str, torch.Te
     """Write ``root/checkpoint-<iteration>`` atomically; keep only the newest ``keep`` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{iteration:06d}"
-    tmp = root / f".tmp-checkpoint-{iteration:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer, "scheduler": scheduler, "ema": ema, "rng": rng_state()},
-               tmp / "training_state.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "iteration": iteration}, indent=1, default=float))
-    write_folder_checksums(tmp)
-    if final.exists():  # an identical iteration saved by an earlier, interrupted run
-        shutil.rmtree(final)
-    tmp.rename(final)
+    # An existing folder of this iteration (saved by an earlier, interrupted run) is replaced whole.
+    with atomic_dir(final) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer, "scheduler": scheduler, "ema": ema, "rng": rng_state()},
+                   tmp / "training_state.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "iteration": iteration}, indent=1, default=float))
+        write_folder_checksums(tmp)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from .integrity import IntegrityError, rerun, sidecar, verify_file, write_checks
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .io import atomic_write
 from .policies.base import Conditioning, FlowPolicy
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,8 @@ def encode_table(policy: FlowPolicy, prompts: Sequence[str]) -> tuple[list[str],
 
 def _atomic_save(path: Path, tensors: Conditioning, metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                             metadata=metadata))
 
 
 def _save_cache(path: Path, prompts: list[str], tensors: Conditioning, model_fingerprint: str, family: str,

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 from .integrity import IntegrityError, rerun, verify_folder, write_folder_checksums
+from .io import atomic_dir
 from .policies import FlowPolicy, load_policy
 
 MANIFEST = "portraitgen.json"
@@ -28,21 +28,16 @@ def export_policy(policy: FlowPolicy, out_dir: Path, *, base_model: str, family:
                   ema: bool) -> Path:
     """Write the policy's current weights to ``out_dir`` (replaced atomically)."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if finetune == "lora":
-        policy.save_lora(tmp)
-    else:
-        policy.save_full(tmp)
     base = base_model if base_model.startswith("builtin:") else str(Path(base_model).expanduser().resolve())
     manifest = {"family": family, "base_model": base, "finetune": finetune, "ema": ema,
                 "lora": dataclasses.asdict(lora) if finetune == "lora" else None}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    write_folder_checksums(tmp)  # SHA256SUMS, verified by load_trained (portraitgen/integrity.py)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        if finetune == "lora":
+            policy.save_lora(tmp)
+        else:
+            policy.save_full(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_folder_checksums(tmp)  # SHA256SUMS, verified by load_trained (portraitgen/integrity.py)
     return out_dir
 
 

@@ -17,8 +17,9 @@ prompt embeddings and exemplar rewards (precompute), the curate manifest (curate
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
+
+from .io import atomic_write_text
 
 SUMS_NAME = "SHA256SUMS"
 
@@ -41,15 +42,7 @@ def sidecar(path: str | Path) -> Path:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, text, fsync=True)
 
 
 def rerun(rule: str, command: str) -> str:

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -58,13 +60,7 @@ def read(path: str | Path) -> list[dict]:
 
 def rewrite(path: str | Path, records: Iterable[dict]) -> None:
     """Replace ``path`` with ``records``, atomically (a hidden sibling renamed over it)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def repair(path: str | Path, keep: Callable[[dict], bool] | None = None) -> list[dict]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .integrity import sha256_file  # the checksum scheme started here; portraitgen/integrity.py extends it
+from .io import atomic_write, atomic_write_text
 
 SHARD_GLOB = "shard-*.safetensors"
 
@@ -42,25 +42,14 @@ def shard_name(keys: list[str]) -> str:
     return f"shard-{hashlib.sha256('|'.join(keys).encode()).hexdigest()[:16]}.safetensors"
 
 
-def _atomic_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str:
     """Write a shard and its checksum sidecar atomically; returns the checksum."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: json.dumps(v) for k, v in metadata.items()}
-    _atomic_bytes(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                                              metadata=meta))
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                                             metadata=meta), fsync=True)
     checksum = sha256_file(path)
-    _atomic_bytes(checksum_path(path), lambda tmp: tmp.write_text(checksum + "\n"))
+    atomic_write_text(checksum_path(path), checksum + "\n", fsync=True)
     return checksum
 
 

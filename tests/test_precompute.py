@@ -180,7 +180,7 @@ def test_detector_is_trained_reported_reused_and_retrained_when_real_images_chan
     assert third["detector_trained"] is True and third["detector_key"] != first["detector_key"]
     assert third["exemplars_scored"] == 20 and third["prompts_encoded"] == 0
     assert weights.stat().st_mtime_ns != stamp
-    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+    assert not list(out.glob(".*.tmp*")) and not list(out.glob(".*.old"))  # portraitgen/io.py's temporary names
 
 
 def test_detector_options_are_checked_before_any_work(tmp_path):
