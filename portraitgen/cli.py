@@ -421,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--detector", default="",
                     help="report: the planted-artifact detector (portraitgen pretrain's output); '' = no artifact rate")
     ab.set_defaults(func=cmd_ablation)
+
+    # Handled in main() before the stages' imports; listed here for `portraitgen --help`.
+    sub.add_parser("progress", help="console progress of a stage's output, which it copies to a log file "
+                                    "(used by the Snakemake rules; portraitgen/progress.py)", add_help=False)
     from .serving import add_cli as add_reward_server_cli
 
     add_reward_server_cli(sub)  # `portraitgen reward-server` (portraitgen/serving)
@@ -449,6 +453,11 @@ def _output_lock(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["progress"]:  # a filter in every job's pipe: started without the stages' imports
+        from .progress import main as progress_main
+
+        return progress_main(argv[1:])
     _quiet_libraries()
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
