@@ -60,10 +60,19 @@ def profile_partitions() -> list[str]:
     return names
 
 
+def profile_memory_mb() -> int:
+    """The largest mem_mb a job of workflow/profiles/slurm asks for."""
+    profile = yaml.safe_load((REPO / PROFILE / "config.yaml").read_text())
+    asked = [r.get("mem_mb", 0) for r in (profile.get("set-resources") or {}).values()]
+    return max([32000, profile.get("default-resources", {}).get("mem_mb", 0), *asked])
+
+
 @pytest.fixture(scope="module")
 def cluster():
     try:
-        c = SlurmCluster.start(partitions=profile_partitions(), cpus=4, gpus=2)
+        # The node declares the most memory a profile job asks (SlurmdParameters=config_overrides lets it
+        # declare more than it has; the fast params use little of it).
+        c = SlurmCluster.start(partitions=profile_partitions(), cpus=4, gpus=2, memory_mb=profile_memory_mb())
     except SlurmUnavailable as exc:
         pytest.skip(f"no single-node SLURM here: {exc}")
     yield c
