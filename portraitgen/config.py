@@ -600,6 +600,12 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def uses_detector(name: str, options: dict[str, Any]) -> bool:
+    """Whether the reward component ``name`` with ``options`` scores with the AI-Portrait detector (at its
+    ``path`` option): ``ai_portrait_detector``, or ``ai_portrait`` with ``backend: detector``."""
+    return name == "ai_portrait_detector" or (name == "ai_portrait" and options.get("backend") == "detector")
+
+
 def reward_config_hash(params: Params) -> str:
     """The reward settings an exemplar reward table was made with (precompute writes it, training checks it)."""
     cfg = {"reward": dataclasses.asdict(params.reward), "resolution": params.model.resolution}

@@ -68,7 +68,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import Params, reward_config_hash
+from .config import Params, reward_config_hash, uses_detector
 from .embeddings import write_cache
 from .integrity import write_checksum
 from .images import load_image
@@ -133,10 +133,6 @@ def _reward_sections(params: Params) -> list[tuple[str, dict, dict]]:
 
         sections.append(("bench.reward", dict(get("components") or {}), dict(get("options") or {})))
     return sections
-
-
-def uses_detector(name: str, options: Mapping[str, Any]) -> bool:
-    return name == "ai_portrait_detector" or (name == "ai_portrait" and options.get("backend") == "detector")
 
 
 @dataclass(frozen=True)

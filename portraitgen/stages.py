@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Params, params_from_dict, params_to_dict
+from .config import Params, params_from_dict, params_to_dict, uses_detector
 from .fingerprint import training_params_keys
 
 MAIN_ROOT = "results"
@@ -109,18 +109,12 @@ def _prompt_file(p: Params) -> list[str]:
     return [] if source == "exemplars" or _is_builtin(source) else [source]
 
 
-def _uses_detector(name: str, options: Mapping[str, Any]) -> bool:
-    from .precompute import uses_detector
-
-    return uses_detector(name, options)
-
-
 def _detector_paths(components: Mapping[str, Any], options: Mapping[str, Any]) -> list[str]:
     """The detector folders that reward components score with (their `path` option)."""
     out = []
     for name in components or {}:
         opts = dict((options or {}).get(name) or {})
-        if _uses_detector(name, opts) and opts.get("path"):
+        if uses_detector(name, opts) and opts.get("path"):
             out.append(str(opts["path"]))
     return out
 
@@ -154,6 +148,25 @@ def _bench_reads(p: Params) -> list[str]:
 _GPU = {"mem_mb": 8000, "gpu": 0}  # gpu: GPUs per job; set <stage>:gpu=1 on a GPU machine or cluster
 
 STAGES: tuple[Stage, ...] = (
+    # The toy base model (the default model.path, results/pretrain/model) and the planted-artifact
+    # detector. Its data ship in the package's dependencies (scikit-image, matplotlib): no file deps.
+    Stage(
+        name="pretrain", command="pretrain", folder="pretrain",
+        doc="the toy base model on real faces with a planted artifact, and the artifact detector "
+            "(portraitgen/pretrain)",
+        outputs=(
+            Output("model", "model", persist=True, directory=True,
+                   note="the diffusers folder (model.path); reused by the stage while its content key is "
+                        "unchanged, so it is kept across reruns"),
+            Output("artifact_detector", "detector", persist=True, directory=True,
+                   note="the planted-artifact CNN (evaluation only); reused like the model"),
+            Output("samples.png", "samples", cache=False),
+            Output("metrics.json", "metrics", kind="metric", cache=False),
+        ),
+        params=("pretrain", "model.family", "model.resolution"), loads_model=False,
+        threads=1, resources={"mem_mb": 4000, "runtime": 60, "gpu": 0},
+        dvc_notes={"model.resolution": "the image size it is pretrained at"},
+    ),
     Stage(
         name="curate", command="curate", folder="curate",
         doc="real portraits -> face-centred crops, manifest, rejections, report (portraitgen/curate.py)",
@@ -483,6 +496,18 @@ class Workflow:
         return f"{root}/{PARAMS_FILE}" if RUN_ROOT.match(root) else PARAMS_FILE
 
     # ---- per rule
+    @staticmethod
+    def package_files() -> list[str]:
+        return package_files()
+
+    @staticmethod
+    def run_constraint() -> str:
+        """The `run` wildcard of an ablation run's own rules (portraitgen.ablation.run_name)."""
+        return ROOT_PATTERNS["run"].removeprefix(ABLATION_ROOT + "/")
+
+    def threads(self, name: str) -> int:
+        return stage(name).threads
+
     def root_constraint(self, name: str) -> str:
         return "|".join(ROOT_PATTERNS[r] for r in stage(name).roots)
 

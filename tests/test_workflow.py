@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from portraitgen.hardware import HARDWARE_FIELDS
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.which("snakemake")
@@ -28,20 +30,25 @@ DVC = str(BIN / "dvc") if (BIN / "dvc").exists() else shutil.which("dvc")
 
 pytestmark = pytest.mark.skipif(not (SNAKEMAKE and DVC), reason="needs snakemake and dvc (extra 'workflow')")
 
-# Hardware flags the Snakemake rules add to a stage's command (from resources and threads), and its
-# log redirect.
-HARDWARE_FLAGS = re.compile(
-    r"( --workers \S+)?( --micro-batch-size \S+)?( --mixed-precision \S+)?( --batch-size \S+)?( > \S+ 2>&1)?$"
-)
+# Hardware flags the Snakemake rules add to a stage's command (from resources and threads: curate's
+# workers, the batch sizes, every Hardware option of train), and its log redirect.
+TRAIN_HARDWARE = "".join(rf"( {f.metadata['flag']} \S+)?" for f in HARDWARE_FIELDS)
+HARDWARE_FLAGS = re.compile(rf"( --workers \S+)?{TRAIN_HARDWARE}( --batch-size \S+)?( > \S+ 2>&1)?$")
+TRAIN_DEFAULT_FLAGS = ["--micro-batch-size", "0", "--mixed-precision", "no", "--rollout-batch-size", "0",
+                       "--fp32-frozen-weights", "0", "--compile", "0", "--gradient-checkpointing", "0"]
 
 # Lists the rules as Snakemake parsed them (named outputs, params names, input), as JSON.
 INTROSPECT = textwrap.dedent(
     """
     import json
+    import re
     from pathlib import Path
     from snakemake.api import SnakemakeApi
     from snakemake.io import is_flagged
     from snakemake.settings.types import OutputSettings, ResourceSettings
+
+    def plain(f):  # "{root,results}" (a wildcard with its rule's constraint) -> "{root}"
+        return re.sub(r",[^{}]*}", "}", str(f))
 
     with SnakemakeApi(OutputSettings()) as api:
         workflow = api.workflow(
@@ -52,11 +59,11 @@ INTROSPECT = textwrap.dedent(
         print(json.dumps({
             rule.name: {
                 "input": [str(f) for f in rule.input],
-                "output": {name: str(f) for name, f in rule.output._allitems()},
-                "directories": [str(f) for f in rule.output if is_flagged(f, "directory")],
+                "output": {name: plain(f) for name, f in rule.output._allitems()},
+                "directories": [plain(f) for f in rule.output if is_flagged(f, "directory")],
                 "params": list(rule.params.keys()),
-                "log": [str(f) for f in rule.log],
-                "benchmark": str(rule.benchmark) if rule.benchmark else None,
+                "log": [plain(f) for f in rule.log],
+                "benchmark": plain(rule.benchmark) if rule.benchmark else None,
             }
             for rule in workflow.rules
         }))
@@ -157,92 +164,109 @@ def test_lint_passes(project):
 def test_dry_run_lists_train_with_the_dvc_command(project):
     assert (REPO / "profiles").resolve() == (REPO / "workflow" / "profiles").resolve()  # see dry_run_commands
     commands = dry_run_commands(project)
-    assert set(commands) == set(dvc_stages(project)) and {"curate", "train"} <= set(commands)  # `all` has none
+    # `all` has no command; pretrain runs when model.path is its output.
+    assert {"curate", "invert", "precompute", "bench_embeddings", "train", "bench"} <= set(commands)
+    assert set(commands) <= set(dvc_stages(project))
     assert commands["curate"] == (
         "portraitgen curate --params params.yaml --out results/curate --workers 1 > results/logs/curate.log 2>&1"
     )
     assert commands["train"] == (
-        "portraitgen launch-train --params params.yaml --out results/train"
-        " --micro-batch-size 0 --mixed-precision no > results/logs/train.log 2>&1"
+        "portraitgen launch-train --params params.yaml --out results/train "
+        + " ".join(TRAIN_DEFAULT_FLAGS) + " > results/logs/train.log 2>&1"
     )
     stages = dvc_stages(project)
     for name, stage in stages.items():
+        if name not in commands:
+            continue
         # The Snakemake command is the DVC command plus hardware flags and the log redirect.
         assert HARDWARE_FLAGS.sub("", commands[name]) == stage["cmd"], name
 
 
-# Stages whose --out is another stage's folder: bench_embeddings writes PortraitBench's prompt embeddings
-# into results/precompute, whose per-prompt embedding store it shares (workflow/rules/precompute.smk).
-SHARED_OUT_DIRS = {"bench_embeddings": "precompute"}
+def _dry_run_inputs(project: Path, *args: str) -> dict[str, set[str]]:
+    """rule name -> the files its job reads besides the package, as a real dry run lists them."""
+    out = smk(project, "-n", *args).stdout
+    found, rule = {}, None
+    for line in out.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line.strip()):
+            rule = m.group(1)
+        elif line.strip().startswith("input:") and rule is not None:
+            files = line.strip().removeprefix("input:").split(", ")
+            found[rule] = {f.strip() for f in files if f.strip() and not f.strip().startswith("portraitgen/")}
+    return found
 
 
-def test_snakefile_and_dvc_yaml_agree(project):
+def test_snakemake_rules_and_dvc_yaml_come_from_the_stage_table(project):
+    """One table (portraitgen/stages.py): dvc.yaml is its generated form, and the rules read it."""
+    from portraitgen.stages import STAGES
+
+    gen = subprocess.run([str(BIN / "portraitgen"), "dvc-yaml", "--check"], cwd=project, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert gen.returncode == 0, gen.stderr
     rules = snakemake_rules(project)
     stages = dvc_stages(project)
-    # Ablations are DVC experiments on the same stages (`portraitgen ablation dvc`), not stages.
+    # Ablation runs reuse the stage rules with another root; only the run's params file has a rule of its own.
     ablation = {name for name in rules if name.startswith("ablation")}
-    assert ablation == {"ablation", "ablation_params", "ablation_invert", "ablation_precompute", "ablation_train",
-                        "ablation_bench"}
-    assert set(rules) - {"all"} - ablation == set(stages) and {"curate", "train", "bench"} <= set(stages)
+    assert ablation == {"ablation", "ablation_params"}
+    assert set(rules) - {"all"} - ablation == set(stages) == {s.name for s in STAGES}
+    inputs = _dry_run_inputs(project)
+    assert {"curate", "invert", "precompute", "bench_embeddings", "train", "bench"} <= set(inputs)
 
     for name, stage in stages.items():
         rule = rules[name]
         outs = _out_paths(stage.get("outs", []))
         metrics = _out_paths(stage.get("metrics", []))
         persistent = {p for p, o in outs.items() if o.get("persist")}
-        # Outputs DVC rebuilds are exactly Snakemake's declared outputs; persistent ones (resume
-        # state) are left undeclared in Snakemake, which would delete them before each run.
-        assert set(rule["output"].values()) == (set(outs) - persistent) | set(metrics), name
-        assert persistent.isdisjoint(rule["output"].values())
-        # Both tools pass the same params.yaml sections (or keys: DVC's `model.resolution` is Snakemake's
-        # `model_resolution`), so the same edits rerun the stage.
-        assert rule["params"] == [key.replace(".", "_") for key in stage["params"]], name
-        # Package code is a dependency in both.
+        # Outputs DVC rebuilds are exactly Snakemake's declared outputs (for the main root); persistent
+        # ones (resume state, caches) are left undeclared in Snakemake, which would delete them.
+        declared = {p.replace("{root}", "results") for p in rule["output"].values()}
+        assert declared == (set(outs) - persistent) | set(metrics), name
+        # Both tools pass the same params keys (DVC's `model.resolution` is Snakemake's `model_resolution`),
+        # plus, in Snakemake, the root's params file and the flags a root adds.
+        assert rule["params"] == ["params_file", "extra_args", *(k.replace(".", "_") for k in stage["params"])], name
         assert "portraitgen" in stage["deps"]
-        assert "portraitgen/config.py" in rule["input"]
-        # Besides the package, both read the same files of other stages.
-        assert {f for f in rule["input"] if not f.startswith("portraitgen/")} == set(stage["deps"]) - {"portraitgen"}, name
-        assert rule["log"] == [f"results/logs/{name}.log"]
-        assert rule["benchmark"] == f"results/benchmarks/{name}.tsv"
-        # Every output lives in the stage's own folder (or the one it shares), the one passed as --out.
-        out_dir = re.search(r"--out (\S+)", stage["cmd"]).group(1)
-        assert out_dir == f"results/{SHARED_OUT_DIRS.get(name, name)}"
-        assert all(p.startswith(out_dir + "/") for p in [*outs, *metrics])
+        # Besides the package, both read the same files of other stages (a real dry run's job inputs).
+        if name in inputs:  # a stage of the default target
+            assert inputs[name] == set(stage["deps"]) - {"portraitgen"}, name
+        assert rule["log"] == [f"{{root}}/logs/{name}.log"]
+        assert rule["benchmark"] == f"{{root}}/benchmarks/{name}.tsv"
     # No file is the output of two stages (the bench's prompts are not in a file training reads).
     declared = [p for stage in stages.values() for p in [*_out_paths(stage.get("outs", [])),
                                                          *_out_paths(stage.get("metrics", []))]]
     assert len(declared) == len(set(declared))
 
-    bench_embeddings = rules["bench_embeddings"]
-    assert bench_embeddings["output"] == {"embeddings": "results/precompute/bench_prompt_embeddings.safetensors"}
-    assert bench_embeddings["params"] == ["model_family", "model_path", "bench_suite", "bench_subset"]
-    assert "results/precompute/bench_prompt_embeddings.safetensors" in rules["bench"]["input"]
+    assert rules["bench_embeddings"]["output"] == {"embeddings": "{root}/precompute/bench_prompt_embeddings.safetensors"}
+    assert "results/precompute/bench_prompt_embeddings.safetensors" in inputs["bench"]
     assert not {"bench_suite", "bench_subset"} & set(rules["precompute"]["params"])  # but bench_reward stays
     assert "bench_reward" in rules["precompute"]["params"]
-
-    train = rules["train"]
-    assert train["output"] == {
-        "model": "results/train/final",
-        "metrics": "results/train/metrics.json",
-        "history": "results/train/metrics.jsonl",
-    }
-    assert train["directories"] == ["results/train/final"]
+    assert rules["train"]["output"] == {"model": "{root}/train/final", "metrics": "{root}/train/metrics.json",
+                                        "history": "{root}/train/metrics.jsonl"}
+    assert rules["train"]["directories"] == ["{root}/train/final"]
     assert _out_paths(stages["train"]["outs"])["results/train/checkpoints"] == {"persist": True, "cache": False}
-    assert _out_paths(stages["train"]["metrics"]) == {"results/train/metrics.json": {"cache": False}}
-
-    curate = rules["curate"]
-    assert curate["output"] == {
-        "manifest": "results/curate/manifest.parquet",
-        "images": "results/curate/images",
-        "rejected": "results/curate/rejected.parquet",
-        "report": "results/curate/report.html",
-        "metrics": "results/curate/metrics.json",
-    }
-    assert curate["directories"] == ["results/curate/images"]
+    assert rules["curate"]["directories"] == ["{root}/curate/images"]
     # The per-image cache survives reruns in both tools (what makes adding images cheap).
     assert _out_paths(stages["curate"]["outs"])["results/curate/cache"] == {"persist": True, "cache": False}
-    assert "results/curate/cache" not in curate["output"].values()
     assert "results/curate/manifest.parquet" in rules["all"]["input"]
+
+
+def test_a_detector_reward_orders_bench_and_train_after_precompute(project):
+    """`ai_portrait` with `backend: detector` scores with the detector precompute trains: with nothing
+    else linking them (no cached embeddings, no exemplars), train and bench still wait for precompute."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    reward = {"components": {"ai_portrait": 1.0},
+              "options": {"ai_portrait": {"backend": "detector", "path": "results/precompute/detector"}}}
+    params["reward"] = reward
+    params["bench"]["reward"] = reward
+    params["prompts"]["source"] = "builtin:demo"
+    params["train"]["prompt_embeddings"] = ""
+    params["train"]["exemplars"]["per_group"] = 0
+    params["bench"]["prompt_embeddings"] = ""
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    inputs = _dry_run_inputs(project)
+    assert inputs["train"] == {"results/precompute/metrics.json"}
+    assert "results/precompute/metrics.json" in inputs["bench"]
+    # DVC, generated from the same table and these params, orders them the same way.
+    subprocess.run([str(BIN / "portraitgen"), "dvc-yaml", "--write"], cwd=project, env=_env(), check=True)
+    assert "results/precompute/metrics.json" in dvc_stages(project)["train"]["deps"]
 
 
 def test_params_keys_are_real_sections_and_exclude_tracking(project):
@@ -286,9 +310,12 @@ def test_curate_scatters_into_parts_and_gathers(project):
 
 def test_hardware_flags_come_from_resources_not_params(project):
     commands = dry_run_commands(
-        project, "--set-resources", "train:micro_batch=4", "train:mixed_precision=bf16", "train:gpu=1"
+        project, "--set-resources", "train:micro_batch=4", "train:mixed_precision=bf16", "train:gpu=1",
+        "train:rollout_batch=16", "train:fp32_frozen_weights=1", "train:compile=1", "train:gradient_checkpointing=1",
     )
-    assert " --micro-batch-size 4 --mixed-precision bf16 " in commands["train"]
+    # Every Hardware option (portraitgen/hardware.py) is a resource of the train rule.
+    assert (" --micro-batch-size 4 --mixed-precision bf16 --rollout-batch-size 16 --fp32-frozen-weights 1"
+            " --compile 1 --gradient-checkpointing 1 ") in commands["train"]
 
     def keys(node):
         if isinstance(node, dict):
@@ -445,10 +472,8 @@ def test_snakemake_keeps_checkpoints_and_reruns_only_on_params(project, stub_env
     train = project / "results" / "train"
     assert (train / "metrics.json").exists() and (train / "final" / "model.safetensors").exists()
     assert (project / "results" / "benchmarks" / "train.tsv").exists()
-    assert calls()[-1]["args"] == [
-        "launch-train", "--params", "params.yaml", "--out", "results/train", "--micro-batch-size", "0",
-        "--mixed-precision", "no"
-    ]
+    assert calls()[-1]["args"] == ["launch-train", "--params", "params.yaml", "--out", "results/train",
+                                   *TRAIN_DEFAULT_FLAGS]
 
     # Hardware and tracking settings, and the order of keys, do not rerun a finished job.
     _edit_params(project, "tracking", "uri", "sqlite:///elsewhere.db")
@@ -627,6 +652,10 @@ def test_ablation_runs_every_variant_and_seed_through_the_stages(project):
         assert f"results/ablation/{run}/train/final" in dry
         assert f"--model {run}=results/ablation/{run}/train" in dry
     assert "--baseline plain-s1" in dry
-    counts = dict(re.findall(r"^(ablation\w*|curate)\s+(\d+)$", dry, re.M))
-    assert counts == {"ablation_params": "4", "ablation_invert": "4", "ablation_precompute": "4",
-                      "ablation_train": "4", "ablation_bench": "1", "ablation": "1", "curate": "1"}
+    # The main rules run once per run (root results/ablation/<run>), the bench once for all of them.
+    counts = dict(re.findall(r"^(ablation\w*|curate|invert|precompute|train|bench)\s+(\d+)$", dry, re.M))
+    assert counts == {"ablation_params": "4", "invert": "4", "precompute": "4", "train": "4", "bench": "1",
+                      "ablation": "1", "curate": "1"}
+    for run in runs:
+        assert (f"portraitgen launch-train --params results/ablation/{run}/params.yaml"
+                f" --out results/ablation/{run}/train ") in dry

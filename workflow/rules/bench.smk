@@ -1,91 +1,55 @@
-# PortraitBench (issue 6): rule `bench` -> `portraitgen bench` -> portraitgen/bench/run.py (suite in
-# suite.py, metrics in metrics.py, comparisons in compare.py, the report in report.py).
+# PortraitBench: rule `bench` -> `portraitgen bench` -> portraitgen/bench/run.py. Everything about the
+# rule comes from the stage table (portraitgen/stages.py): the models of `bench.models` made by this
+# pipeline (e.g. results/train -> its final/), the real reference, the suite file and the prompt
+# embeddings are inputs. `{root}` is `results`, or `results/ablation` for the ablation's bench of
+# every run (rules/ablation.smk), which names its models and baseline with --model/--baseline.
 #
-# What is benched: `bench.models` (label -> base | a training output | an exported or diffusers folder),
-# compared with `bench.baseline`. A model inside results/train is an input through the train rule's
-# declared output results/train/final, so retraining reruns the bench.
-#
-# Outputs. The tables, metrics.json, the report and its assets are declared. The images
-# (results/bench/images/) are not: with `--config bench_parts=N` the part jobs write them and the merge
-# job reads them, and Snakemake would delete a declared output of the merge before it runs. The merge
-# removes images of models or prompts no longer benched. dvc.yaml declares them `persist: true`.
-#
-# Prompt conditioning: with `bench.prompt_embeddings` set (params.yaml: results/precompute/
-# bench_prompt_embeddings.safetensors, the `bench_embeddings` rule's output in rules/precompute.smk),
-# that file is an input (bench_inputs() in common.smk) and the models built on `model.path` are loaded
-# without their text encoders. Set it to "" and the bench encodes the prompts itself (no input).
-#
-# Rerun triggers: the `bench` and `model` sections (the training seed does not move the bench's
-# noise), the trained model, the real reference set, the suite file (unless built in), the prompt
-# embeddings (so editing `bench.suite`/`bench.subset` reruns `bench_embeddings` and the bench only).
-# Hardware: --batch-size (images per forward pass, the resource bench_batch; part jobs and the merge
-# must agree on it, so it is one resource).
-#
-# Scatter/gather: `snakemake --config bench_parts=4` runs 4 `bench_part` jobs (`--part I --num-parts 4`,
-# each sampling and scoring a share of the prompts for every model), then `bench` merges them.
+# Outputs. The images (results/bench/images/) are not declared: with `--config bench_parts=N` the part
+# jobs write them and the merge reads them. dvc.yaml declares them `persist: true`.
+# Hardware: --batch-size is the resource bench_batch (part jobs and the merge must agree on it).
 
-if BENCH_PARTS > 1:
+if WF.num_parts("bench") > 1:
 
     rule bench_part:
         input:
-            src=package_sources(),
-            other=bench_inputs(),
+            unpack(stage_inputs("bench", merge=False)),
         output:
-            part=f"results/bench/parts/part-{{part}}-of-{BENCH_PARTS:04d}.parquet",
+            part=WF.part_pattern("bench"),
         wildcard_constraints:
+            root=WF.root_constraint("bench"),
             part=r"\d{4}",
         params:
-            bench=params_section("bench"),
-            model=params_section("model"),
+            **stage_params("bench"),
         log:
-            "results/logs/bench_part-{part}.log",
+            "{root}/logs/bench_part-{part}.log",
         benchmark:
-            "results/benchmarks/bench_part-{part}.tsv"
+            "{root}/benchmarks/bench_part-{part}.tsv"
         conda:
             "../envs/portraitgen.yaml"
-        threads: 2
+        threads: WF.threads("bench")
         resources:
-            mem_mb=8000,
-            runtime=120,
-            gpu=0,
-            bench_batch=8,
+            **WF.resources("bench"),
         shell:
-            f"portraitgen bench --params params.yaml --out results/bench"
-            f" --part $((10#{{wildcards.part}})) --num-parts {BENCH_PARTS}"
-            f" --batch-size {{resources.bench_batch}} > {{log}} 2>&1"
+            WF.shell("bench", part=True)
 
 
 rule bench:
     input:
-        src=package_sources(),
-        other=bench_inputs(),
-        parts=bench_part_files(),
+        unpack(stage_inputs("bench")),
     output:
-        scores="results/bench/scores.parquet",
-        per_category="results/bench/per_category.parquet",
-        set_metrics="results/bench/set_metrics.parquet",
-        comparisons="results/bench/comparisons.parquet",
-        metrics_info="results/bench/metrics_info.json",
-        report="results/bench/report.html",
-        assets=directory("results/bench/report_assets"),
-        plots=directory("results/bench/plots"),
-        metrics="results/bench/metrics.json",
+        **stage_outputs("bench"),
+    wildcard_constraints:
+        root=WF.root_constraint("bench"),
     params:
-        bench=params_section("bench"),
-        model=params_section("model"),
+        **stage_params("bench"),
     log:
-        "results/logs/bench.log",
+        "{root}/logs/bench.log",
     benchmark:
-        "results/benchmarks/bench.tsv"
+        "{root}/benchmarks/bench.tsv"
     conda:
         "../envs/portraitgen.yaml"
-    threads: 2
+    threads: WF.threads("bench")
     resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=0,
-        bench_batch=8,
+        **WF.resources("bench"),
     shell:
-        "portraitgen bench --params params.yaml --out results/bench"
-        + BENCH_MERGE_FLAGS
-        + " --batch-size {resources.bench_batch} > {log} 2>&1"
+        WF.shell("bench")

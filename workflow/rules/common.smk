@@ -1,14 +1,16 @@
-# Helpers shared by the rules. No pipeline logic lives here: every rule calls the `portraitgen` CLI.
+# Helpers shared by the rules. No pipeline logic lives here: every rule calls the `portraitgen` CLI, and
+# what a rule reads and writes comes from the package (portraitgen/stages.py).
 
 import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
-import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+from portraitgen.config import ConfigError, params_from_dict
+from portraitgen.stages import Workflow
 
 # Keys of the Snakemake config that are workflow options (`--config invert_parts=4`), not params.
 WORKFLOW_OPTIONS = ("curate_parts", "invert_parts", "precompute_parts", "bench_parts", "ablation")
@@ -25,12 +27,8 @@ validate(
 
 
 # 2. the package's own validation (ranges and rules across keys, e.g. the group size dividing the
-#    batch), when snakemake runs beside the package; otherwise each stage repeats it when it starts.
+#    batch). Snakemake runs beside the package: the rules take everything else from it too.
 def _check_params_with_the_package():
-    try:
-        from portraitgen.config import ConfigError, params_from_dict
-    except ImportError:
-        return
     try:
         params_from_dict({k: v for k, v in config.items() if k not in WORKFLOW_OPTIONS})
     except ConfigError as exc:
@@ -82,158 +80,44 @@ def end_pipeline_run(status):
             print(f"MLflow parent run {run_id} not closed: {exc}")
 
 
-def params_section(name):
-    """The params.yaml section `name`, passed to a rule's `params:` so that changing it reruns the job.
-
-    Keys are sorted: Snakemake compares params by their repr, which follows key order, so without
-    this, reordering params.yaml (or a tool rewriting it) would rerun every stage. DVC compares values.
-    """
-    return _sorted_keys(config[name])
-
-
-def _sorted_keys(value):
-    if isinstance(value, dict):
-        return {key: _sorted_keys(value[key]) for key in sorted(value)}
-    if isinstance(value, list):
-        return [_sorted_keys(item) for item in value]
-    return value
-
-
-def package_sources():
-    """Every file of the portraitgen package (code and shipped data), the Snakemake twin of DVC's
-    `deps: [portraitgen]`: editing the package reruns the stages that run it."""
-    return sorted(
-        str(p)
-        for p in Path("portraitgen").rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
-    )
-
-
-# --- curate (rules/curate.smk) ---------------------------------------------------------------------
-# `snakemake --config curate_parts=N` scatters curate over N part jobs (default: one job).
-CURATE_PARTS = int(config.get("curate_parts", 1))
-# Mirrors portraitgen.curate.IMAGE_EXTENSIONS (the Snakefile does not import the package).
-CURATE_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def curate_sources():
-    """The files `portraitgen curate` reads besides the package (rerun triggers: rules/curate.smk)."""
-    cur = config["curate"]
-    files = []
-    source = str(cur.get("source", "builtin:demo"))
-    if not source.startswith("builtin:"):
-        path = Path(source)
-        if path.is_dir():
-            for root, dirs, names in os.walk(path, followlinks=True):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                files += [
-                    os.path.join(root, n)
-                    for n in names
-                    if not n.startswith(".") and n.lower().endswith(CURATE_IMAGE_EXTENSIONS)
-                ]
-        else:
-            files.append(source)
-    files += [cur[key] for key in ("captions", "include", "exclude") if cur.get(key)]
-    return sorted(files)
-
-
-def curate_part_files():
-    if CURATE_PARTS <= 1:
-        return []
-    return [
-        f"results/curate/parts/part-{i:04d}-of-{CURATE_PARTS:04d}.jsonl"
-        for i in range(CURATE_PARTS)
-    ]
-
-
-CURATE_MERGE_FLAGS = (
-    f" --merge-only --num-parts {CURATE_PARTS}" if CURATE_PARTS > 1 else ""
+# --- The stage table (portraitgen/stages.py) ------------------------------------------------------
+# Every rule takes its inputs, outputs, params, resources and command from the package's stage table,
+# the one dvc.yaml is generated from (`portraitgen dvc-yaml`): nothing about a stage is written twice.
+# The functions below only turn the table's plain values into Snakemake objects.
+# `snakemake --config curate_parts=N` (invert_parts, precompute_parts, bench_parts) scatters a stage over
+# N part jobs, then gathers them; `--config ablation=FILE` names the ablation file (rules/ablation.smk).
+WF = Workflow(
+    {k: v for k, v in config.items() if k not in WORKFLOW_OPTIONS},
+    ablation_file=str(config.get("ablation", "ablation.yaml")),
+    parts={name: int(config.get(f"{name}_parts", 1)) for name in ("curate", "invert", "precompute", "bench")},
 )
 
 
-def train_input(kind):
-    """A file of another stage that the params make training read ([] when they do not): the exemplar
-    index (prompts.source: exemplars), the prompt-embedding cache, the precomputed exemplar rewards."""
-    t = config["train"]
-    ex = t.get("exemplars", {})
-    path = {
-        "exemplar_index": ex.get("index", "results/invert/index.parquet")
-        if config["prompts"]["source"] == "exemplars"
-        else "",
-        "prompt_embeddings": t.get("prompt_embeddings", ""),
-        "exemplar_rewards": ex.get("rewards", ""),
-        "detector": "results/precompute/metrics.json" if uses_precomputed_detector(config["reward"]) else "",
-    }[kind]
-    return [path] if path else []
+def stage_inputs(name, merge=True):
+    """The rule's inputs: the package's files (`src`), the files the stage reads from params (`deps`:
+    other stages' outputs and user files), a run's params file, and for a merge job its part files."""
+
+    def inputs(wildcards):
+        return WF.inputs(name, wildcards, merge=merge)
+
+    return inputs
 
 
-def uses_precomputed_detector(reward_section):
-    """Whether a reward section scores with the AI-Portrait detector that the precompute stage trains
-    (its `path` inside results/precompute): then the stage reading it must wait for precompute."""
-    if "ai_portrait_detector" not in (reward_section.get("components") or {}):
-        return False
-    options = (reward_section.get("options") or {}).get("ai_portrait_detector") or {}
-    return str(options.get("path", "")).startswith("results/precompute")
+def stage_outputs(name):
+    return {
+        key: directory(path) if is_dir else path for key, (path, is_dir) in WF.outputs(name).items()
+    }
 
 
-# --- bench (rules/bench.smk) ------------------------------------------------------------------------
-# `snakemake --config bench_parts=N` scatters the bench over N part jobs (default: one job).
-BENCH_PARTS = int(config.get("bench_parts", 1))
+def stage_params(name):
+    """The params keys the stage reads (its rerun triggers), the params file of the job's root and the
+    flags the root adds (the ablation bench's models)."""
 
+    def value(key):
+        return lambda wildcards: WF.param_values(name, wildcards)[key]
 
-def bench_inputs():
-    """Files the bench reads besides the package: trained models of this pipeline, the reference, the
-    suite file (unless built in) and, when set, the suite's prompt embeddings (`bench.prompt_embeddings`,
-    made by the `bench_embeddings` rule in rules/precompute.smk)."""
-    files = bench_prompt_embeddings() + bench_suite_file()
-    for path in config["bench"].get("models", {}).values():
-        path = str(path).rstrip("/")
-        if path == "results/train" or path.startswith("results/train/"):
-            files.append("results/train/final")
-    reference = str(config["bench"].get("reference", ""))
-    if reference.startswith("results/"):
-        files.append(reference)
-    if uses_precomputed_detector(config["bench"].get("reward") or {}):
-        files.append("results/precompute/metrics.json")
-    return sorted(set(files))
-
-
-def bench_prompt_embeddings():
-    """`bench.prompt_embeddings` ([] when "": the bench runs the text encoders itself)."""
-    path = str((config.get("bench") or {}).get("prompt_embeddings") or "")
-    return [path] if path else []
-
-
-def bench_suite_file():
-    """The suite file `bench.suite` names ([] for a built-in suite, which is package data)."""
-    suite = str((config.get("bench") or {}).get("suite", "builtin:v1"))
-    return [] if suite.startswith("builtin:") else [suite]
-
-
-def bench_part_files():
-    if BENCH_PARTS <= 1:
-        return []
-    return [f"results/bench/parts/part-{i:04d}-of-{BENCH_PARTS:04d}.parquet" for i in range(BENCH_PARTS)]
-
-
-BENCH_MERGE_FLAGS = f" --merge-only --num-parts {BENCH_PARTS}" if BENCH_PARTS > 1 else ""
-
-
-# --- ablation (rules/ablation.smk) ------------------------------------------------------------------
-ABLATION_FILE = str(config.get("ablation", "ablation.yaml"))
-
-
-def _ablation():
-    """(run names, baseline run) of the ablation file; none when the file does not exist."""
-    path = Path(ABLATION_FILE)
-    if not path.is_file():
-        return [], ""
-    data = yaml.safe_load(path.read_text()) or {}
-    variants = list(data.get("variants") or {})
-    seeds = data.get("seeds") or [42]
-    runs = [f"{v}-s{s}" for v in variants for s in seeds]
-    baseline = f"{data.get('baseline', variants[0] if variants else '')}-s{seeds[0]}"
-    return runs, baseline
-
-
-ABLATION_RUNS, ABLATION_BASELINE = _ablation()
+    return {
+        "params_file": lambda wildcards: WF.params_file(wildcards.root),
+        "extra_args": lambda wildcards: WF.extra_args(name, wildcards),
+        **{key: value(key) for key in WF.param_names(name)},
+    }

@@ -1,83 +1,56 @@
-# Inversion of the curated portraits (issue 4): rule `invert` -> `portraitgen invert` -> portraitgen/invert.py
-# (math in portraitgen/inversion.py, storage in portraitgen/shards.py).
+# Inversion of the curated portraits: rule `invert` -> `portraitgen invert` -> portraitgen/invert.py
+# (math in portraitgen/inversion.py, storage in portraitgen/shards.py). Everything about the rule comes
+# from the stage table (portraitgen/stages.py); `{root}` is `results` or an ablation run's folder.
 #
-# Outputs. index.parquet, metrics.json, report.html and residuals.png are declared. The shards
-# (results/invert/shards/) are NOT: they are a content-addressed cache (a shard is reused only when
-# image, caption, model and inversion config match, and is verified by checksum), and Snakemake would
+# Outputs. The shards (results/invert/shards/) are NOT declared: they are a content-addressed cache
+# (a shard is reused only when image, caption, model and inversion config match), and Snakemake would
 # delete a declared output before every rerun. dvc.yaml declares them with `persist: true`.
-#
-# Rerun triggers: the `invert` and `sample` sections, `model`, `seed` (the bridge noise) and the
-# curated manifest. Hardware: `--batch-size` (images per forward pass) is the resource invert_batch.
-#
-# Scatter/gather for a cluster: `snakemake --config invert_parts=8` (default 1) runs 8 `invert_part`
-# jobs (`portraitgen invert --part I --num-parts 8`, each writing its shards), then `invert` verifies
-# them and builds the index (`--merge-only`). One job or N parts give the same shards and index.
+# Hardware: `--batch-size` (images per forward pass) is the resource invert_batch.
+# Scatter/gather: `--config invert_parts=8` runs 8 `invert_part` jobs (each writes its shards and a
+# marker file), then `invert` verifies the shards and builds the index (`--merge-only`).
 
-INVERT_PARTS = int(config.get("invert_parts", 1))
-
-if INVERT_PARTS > 1:
+if WF.num_parts("invert") > 1:
 
     rule invert_part:
         input:
-            src=package_sources(),
-            manifest="results/curate/manifest.parquet",
+            unpack(stage_inputs("invert", merge=False)),
         output:
-            done=touch(f"results/invert/parts/part-{{part}}-of-{INVERT_PARTS:04d}.done"),
+            done=touch(WF.part_pattern("invert")),
         wildcard_constraints:
+            root=WF.root_constraint("invert"),
             part=r"\d{4}",
         params:
-            invert=params_section("invert"),
-            model=params_section("model"),
-            sample=params_section("sample"),
-            seed=params_section("seed"),
+            **stage_params("invert"),
         log:
-            "results/logs/invert_part-{part}.log",
+            "{root}/logs/invert_part-{part}.log",
         benchmark:
-            "results/benchmarks/invert_part-{part}.tsv"
+            "{root}/benchmarks/invert_part-{part}.tsv"
         conda:
             "../envs/portraitgen.yaml"
-        threads: 2
+        threads: WF.threads("invert")
         resources:
-            mem_mb=8000,
-            runtime=240,
-            gpu=0,
-            invert_batch=4,
+            **WF.resources("invert"),
         shell:
-            f"portraitgen invert --params params.yaml --out results/invert"
-            f" --part $((10#{{wildcards.part}})) --num-parts {INVERT_PARTS}"
-            f" --batch-size {{resources.invert_batch}} > {{log}} 2>&1"
+            WF.shell("invert", part=True)
 
 
 rule invert:
     input:
-        src=package_sources(),
-        manifest="results/curate/manifest.parquet",
-        parts=[f"results/invert/parts/part-{i:04d}-of-{INVERT_PARTS:04d}.done" for i in range(INVERT_PARTS)]
-        if INVERT_PARTS > 1
-        else [],
+        unpack(stage_inputs("invert")),
     output:
-        index="results/invert/index.parquet",
-        report="results/invert/report.html",
-        plot="results/invert/residuals.png",
-        metrics="results/invert/metrics.json",
+        **stage_outputs("invert"),
+    wildcard_constraints:
+        root=WF.root_constraint("invert"),
     params:
-        invert=params_section("invert"),
-        model=params_section("model"),
-        sample=params_section("sample"),
-        seed=params_section("seed"),
+        **stage_params("invert"),
     log:
-        "results/logs/invert.log",
+        "{root}/logs/invert.log",
     benchmark:
-        "results/benchmarks/invert.tsv"
+        "{root}/benchmarks/invert.tsv"
     conda:
         "../envs/portraitgen.yaml"
-    threads: 2
+    threads: WF.threads("invert")
     resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=0,  # set invert:gpu=1 on a GPU machine or cluster
-        invert_batch=4,
+        **WF.resources("invert"),
     shell:
-        "portraitgen invert --params params.yaml --out results/invert"
-        + (" --merge-only" if INVERT_PARTS > 1 else "")
-        + " --batch-size {resources.invert_batch} > {log} 2>&1"
+        WF.shell("invert")
