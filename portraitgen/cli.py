@@ -253,6 +253,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .policies import FAMILY_NAMES  # the registry (cheap: no model code is imported)
     from .stage import add_part_args  # --part/--num-parts/--merge-only, the same for every scattered stage
 
     parser = argparse.ArgumentParser(prog="portraitgen", description=__doc__,
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge = sub.add_parser("generate", help="make images from a base model, an exported model or a training run")
     ge.add_argument("--model", required=True,
                     help="training output folder, exported final/ folder, diffusers folder, or builtin:tiny")
-    ge.add_argument("--family", choices=["sd3", "flux", "zimage"], help="needed for plain diffusers folders")
+    ge.add_argument("--family", choices=FAMILY_NAMES, help="needed for plain diffusers folders")
     ge.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ge.add_argument("--prompts-file", help="a text file with one prompt per line")
     ge.add_argument("--out", default="results/generate", help="folder for the PNG files")

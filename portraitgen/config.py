@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .policies.families import FAMILY_NAMES  # the registry of model families (imports nothing heavy)
+
 
 class ConfigError(ValueError):
     """A params file is missing, malformed, or holds a value of the wrong type or range."""
@@ -33,7 +35,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelConfig:
-    family: Literal["sd3", "flux", "zimage"] = "sd3"  # model family; selects the policy adapter
+    family: Literal[FAMILY_NAMES] = "sd3"  # model family; selects the policy adapter
     # A local diffusers pipeline folder, or "builtin:tiny" for a small random-initialised model built
     # in code (for tests and the demo). Nothing is ever downloaded.
     path: str = "builtin:tiny"

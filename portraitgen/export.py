@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .integrity import IntegrityError, rerun, verify_folder, write_folder_checksums
 from .io import atomic_dir
-from .policies import FlowPolicy, load_policy
+from .policies import FlowPolicy, family_list, load_policy
 
 MANIFEST = "portraitgen.json"
 
@@ -55,7 +55,7 @@ def load_trained(model: str, family: str | None = None, device="cpu") -> FlowPol
         model = str(download_model(model))
     if model.startswith("builtin:"):
         if family is None:
-            raise ModelSpecError(f"--model {model} needs --family (sd3, flux or zimage)")
+            raise ModelSpecError(f"--model {model} needs --family ({family_list()})")
         return load_policy(family, model, device=device)
     path = Path(model).expanduser()
     if not path.exists():
@@ -77,7 +77,7 @@ def load_trained(model: str, family: str | None = None, device="cpu") -> FlowPol
         return policy
     if (path / "model_index.json").is_file():
         if family is None:
-            raise ModelSpecError(f"--model {path} is a plain diffusers folder: pass --family (sd3, flux or zimage)")
+            raise ModelSpecError(f"--model {path} is a plain diffusers folder: pass --family ({family_list()})")
         return load_policy(family, str(path), device=device)
     raise ModelSpecError(f"--model: {path} is neither a training output, an exported model "
                          f"({MANIFEST}) nor a diffusers pipeline folder (model_index.json)")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from portraitgen.config import params_from_dict
+from portraitgen.policies import FAMILY_NAMES
 from portraitgen.training import GRPOTrainer, Hardware, TrainingSetupError
 
 from helpers import fast_params
@@ -141,7 +142,7 @@ def test_grpo_raises_brightness_beyond_seed_noise(tmp_path):
     assert trained[list(last)].mean() > trained[:5].mean() + 0.02
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "zimage"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)  # every registered family
 def test_each_family_trains_and_its_lora_loads_into_the_stock_pipeline(tmp_path, family):
     from portraitgen.policies import policy_class, tiny_model_path
 

@@ -1,96 +1,31 @@
-"""Policy registry: model family name -> :class:`FlowPolicy` adapter, and model loading from params."""
+"""Flow-matching policies: the family registry (:mod:`.families`), the adapters' common interface
+(:mod:`.base`) and model loading (:mod:`.loading`).
+
+Importing the package is cheap (config validation and the workflow read the registry): the adapters'
+interface and the loaders, which need torch and diffusers, are imported on first access of one of
+their names (``from portraitgen.policies import load_policy`` works as usual).
+"""
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import shutil
-import tempfile
-from pathlib import Path
+from typing import Any
 
-import torch
+from .families import FAMILIES, FAMILY_NAMES, family_list
 
-from ..io import publish_dir
-from .base import (Conditioning, FlowPolicy, ModelPathError, cond_batch_size, cond_cat, cond_select,
-                   cond_to)
-
-log = logging.getLogger(__name__)
-
-BUILTIN_TINY = "builtin:tiny"
-_TINY_VERSION = "2"  # bump when a tiny builder changes, so caches are rebuilt
+_FROM_BASE = ("Conditioning", "FlowPolicy", "ModelPathError", "cond_batch_size", "cond_cat", "cond_select", "cond_to")
+_FROM_LOADING = ("BUILTIN_TINY", "cache_dir", "load_policy", "model_fingerprint", "policy_class", "policy_classes",
+                 "resolve_model_path", "tiny_model_path")
 
 
-def policy_classes() -> dict[str, type[FlowPolicy]]:
-    from .flux import FluxPolicy
-    from .sd3 import SD3Policy
-    from .zimage import ZImagePolicy
-
-    return {cls.family: cls for cls in (SD3Policy, FluxPolicy, ZImagePolicy)}
-
-
-def policy_class(family: str) -> type[FlowPolicy]:
-    classes = policy_classes()
-    if family not in classes:
-        raise KeyError(f"unknown model family {family!r}; known: {', '.join(sorted(classes))}")
-    return classes[family]
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        from . import base as module
+    elif name in _FROM_LOADING:
+        from . import loading as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value  # looked up once
+    return value
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PORTRAITGEN_CACHE", Path.home() / ".cache" / "portraitgen"))
-
-
-def tiny_model_path(family: str, seed: int = 0) -> Path:
-    """Build (once) and save the tiny pipeline of ``family``; return its folder.
-
-    The pipeline is always *reloaded* from this folder through diffusers' ``from_pretrained``, so the
-    tiny model exercises exactly the loading code that real weights use.
-    """
-    cls = policy_class(family)
-    key = hashlib.sha256(f"{family}-{seed}-{_TINY_VERSION}".encode()).hexdigest()[:10]
-    out = cache_dir() / f"tiny-{family}-{key}"
-    if (out / "model_index.json").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{family}-", dir=out.parent))
-    try:
-        cls.build_tiny_pipeline(seed).save_pretrained(str(tmp))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, out, complete="model_index.json")  # concurrent builders race harmlessly, one wins
-    log.info("built tiny %s model at %s", family, out)
-    return out
-
-
-def resolve_model_path(family: str, path: str) -> Path:
-    if path == BUILTIN_TINY:
-        return tiny_model_path(family)
-    return Path(path).expanduser()
-
-
-def model_fingerprint(family: str, path: str) -> str:
-    """Hash of a model's configs and weight-file names and sizes (cheap: weights are not read).
-
-    Caches made with a model (inverted trajectories, prompt embeddings) record it and are refused by
-    another model.
-    """
-    root = resolve_model_path(family, path)
-    h = hashlib.sha256(family.encode())
-    for f in sorted(root.rglob("*")):
-        if f.is_file():
-            h.update(f.relative_to(root).as_posix().encode())
-            h.update(f.read_bytes() if f.suffix in (".json", ".txt") else str(f.stat().st_size).encode())
-    return h.hexdigest()[:16]
-
-
-def load_policy(family: str, path: str, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32, text_encoders: bool = True) -> FlowPolicy:
-    """Load the policy of ``family`` from a local folder, or the built-in tiny model."""
-    cls = policy_class(family)
-    return cls.from_pretrained(resolve_model_path(family, path), device=device, dtype=dtype,
-                               text_encoders=text_encoders)
-
-
-__all__ = ["Conditioning", "FlowPolicy", "ModelPathError", "BUILTIN_TINY", "cond_batch_size", "cond_cat",
-           "cond_select", "cond_to", "load_policy", "model_fingerprint", "policy_class", "policy_classes", "resolve_model_path",
-           "tiny_model_path"]
+__all__ = ["FAMILIES", "FAMILY_NAMES", "family_list", *_FROM_BASE, *_FROM_LOADING]

@@ -1,0 +1,97 @@
+"""Model loading: a family's :class:`FlowPolicy` adapter from a local folder or the built-in tiny model,
+and the fingerprint caches record of the model they were made with."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..io import publish_dir
+from .base import FlowPolicy
+from .families import FAMILIES
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TINY = "builtin:tiny"
+_TINY_VERSION = "2"  # bump when a tiny builder changes, so caches are rebuilt
+
+
+def policy_class(family: str) -> type[FlowPolicy]:
+    """The adapter class of ``family`` (its module is imported now, the other families' are not)."""
+    if family not in FAMILIES:
+        raise KeyError(f"unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+    module, name = FAMILIES[family].split(":")
+    cls = getattr(importlib.import_module(module, __package__), name)
+    if cls.family != family:
+        raise TypeError(f"portraitgen/policies/families.py: {family!r} names {FAMILIES[family]}, whose family is "
+                        f"{cls.family!r}")
+    return cls
+
+
+def policy_classes() -> dict[str, type[FlowPolicy]]:
+    """Every registered family's adapter class."""
+    return {family: policy_class(family) for family in FAMILIES}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PORTRAITGEN_CACHE", Path.home() / ".cache" / "portraitgen"))
+
+
+def tiny_model_path(family: str, seed: int = 0) -> Path:
+    """Build (once) and save the tiny pipeline of ``family``; return its folder.
+
+    The pipeline is always *reloaded* from this folder through diffusers' ``from_pretrained``, so the
+    tiny model exercises exactly the loading code that real weights use.
+    """
+    cls = policy_class(family)
+    key = hashlib.sha256(f"{family}-{seed}-{_TINY_VERSION}".encode()).hexdigest()[:10]
+    out = cache_dir() / f"tiny-{family}-{key}"
+    if (out / "model_index.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{family}-", dir=out.parent))
+    try:
+        cls.build_tiny_pipeline(seed).save_pretrained(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, out, complete="model_index.json")  # concurrent builders race harmlessly, one wins
+    log.info("built tiny %s model at %s", family, out)
+    return out
+
+
+def resolve_model_path(family: str, path: str) -> Path:
+    if path == BUILTIN_TINY:
+        return tiny_model_path(family)
+    return Path(path).expanduser()
+
+
+def model_fingerprint(family: str, path: str) -> str:
+    """Hash of a model's configs and weight-file names and sizes (cheap: weights are not read).
+
+    Caches made with a model (inverted trajectories, prompt embeddings) record it and are refused by
+    another model.
+    """
+    root = resolve_model_path(family, path)
+    h = hashlib.sha256(family.encode())
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes() if f.suffix in (".json", ".txt") else str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def load_policy(family: str, path: str, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, text_encoders: bool = True) -> FlowPolicy:
+    """Load the policy of ``family`` from a local folder, or the built-in tiny model."""
+    cls = policy_class(family)
+    return cls.from_pretrained(resolve_model_path(family, path), device=device, dtype=dtype,
+                               text_encoders=text_encoders)
+
+

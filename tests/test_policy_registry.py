@@ -1,0 +1,40 @@
+"""The model family registry (portraitgen/policies/families.py) is what every family list reads."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+
+import pytest
+
+from portraitgen.cli import build_parser
+from portraitgen.config import ConfigError, ModelConfig, params_from_dict
+from portraitgen.policies import FAMILIES, FAMILY_NAMES, family_list, policy_class, policy_classes
+from portraitgen.schema import params_schema
+
+
+def test_each_registered_family_names_its_adapter():
+    assert set(FAMILY_NAMES) == set(FAMILIES) and len(FAMILY_NAMES) >= 3
+    for family, cls in policy_classes().items():
+        assert cls.family == family and policy_class(family) is cls
+    with pytest.raises(KeyError, match="unknown model family 'sdx'; known: flux, sd3, zimage"):
+        policy_class("sdx")
+
+
+def test_config_schema_cli_and_messages_read_the_registry():
+    assert typing.get_args(typing.get_type_hints(ModelConfig)["family"]) == FAMILY_NAMES
+    assert params_schema()["properties"]["model"]["properties"]["family"]["enum"] == list(FAMILY_NAMES)
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    family_flag = next(a for a in generate._actions if "--family" in a.option_strings)
+    assert tuple(family_flag.choices) == FAMILY_NAMES
+    assert family_list() == "sd3, flux or zimage"
+    with pytest.raises(ConfigError, match="model.family.*'sd3' \\| 'flux' \\| 'zimage', got 'sdx'"):
+        params_from_dict({"model": {"family": "sdx"}})
+
+
+def test_reading_the_registry_imports_no_model_code():
+    """Config validation and the workflow read the registry; torch and diffusers load only for a model."""
+    code = ("import sys; import portraitgen.config, portraitgen.policies; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'portraitgen.policies.sd3') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
