@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from . import checkpointing, export, jsonl
 from .advantages import group_advantages
-from .config import Params, flatten, params_to_dict
+from .config import Params, flatten, params_to_dict, reward_config_hash
 from .ema import EMA
 from .embeddings import EmbeddingCache
 from .exemplars import ExemplarBank
@@ -62,8 +62,8 @@ from .profiling import PhaseTimeline
 from .prompts import load_prompts
 from .rewards import RewardSet
 from .sft_loss import supervised_term
-from .sampling import (Trajectory, randn_per_sample, rollout, step_mean, step_std, stochastic_step,
-                       to_device_async)
+from .sampling import (Trajectory, randn_per_sample, rollout, seeded_generator, step_mean, step_std,
+                       stochastic_step, to_device_async)
 from .logged_model import log_trained_model, training_datasets
 from .tracking import Tracker
 
@@ -72,12 +72,6 @@ log = logging.getLogger(__name__)
 
 class TrainingSetupError(ValueError):
     """The run cannot start: params, hardware flags and process count do not fit together."""
-
-
-def seeded_generator(*key: int) -> torch.Generator:
-    """A CPU generator whose seed is a hash of ``key`` (independent streams for different keys)."""
-    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(seed & ((1 << 63) - 1))
 
 
 @dataclass
@@ -227,8 +221,6 @@ class GRPOTrainer:
             self.policy.compile_transformer(dynamic=False)
 
     def _precomputed_exemplar_rewards(self, path: str) -> dict[int, dict[str, float]]:
-        from .precompute import reward_config_hash
-
         if not Path(path).is_file():
             raise TrainingSetupError(f"train.exemplars.rewards: {path} not found (run `portraitgen precompute`)")
         try:  # verified before it is parsed: a damaged table is named as such, with the way to re-make it
