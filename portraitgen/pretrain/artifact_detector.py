@@ -78,7 +78,7 @@ def as_batch(images, size: int) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         x = images.float()
     else:
-        arrays = [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images]
+        arrays = [np.array(im.convert("RGB") if hasattr(im, "convert") else im) for im in images]
         if not arrays:
             return torch.zeros(0, 3, size, size)
         sized = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2) for a in arrays]
