@@ -241,10 +241,15 @@ def test_snakemake_rules_and_dvc_yaml_come_from_the_stage_table(project):
     assert rules["train"]["output"] == {"model": "{root}/train/final", "metrics": "{root}/train/metrics.json",
                                         "history": "{root}/train/metrics.jsonl"}
     assert rules["train"]["directories"] == ["{root}/train/final"]
-    assert _out_paths(stages["train"]["outs"])["results/train/checkpoints"] == {"persist": True, "cache": False}
+    # Resume state and the per-image cache stay local: in no tool's outputs, so neither deletes them before a
+    # run and a clone that pulled the results misses nothing (dvc status: up to date).
+    assert "results/train/checkpoints" not in _out_paths(stages["train"]["outs"])
     assert rules["curate"]["directories"] == ["{root}/curate/images"]
     # The per-image cache survives reruns in both tools (what makes adding images cheap).
-    assert _out_paths(stages["curate"]["outs"])["results/curate/cache"] == {"persist": True, "cache": False}
+    assert "results/curate/cache" not in _out_paths(stages["curate"]["outs"])
+    # Each stage's DVC metrics are its few headline numbers, tracked by git (cache: false).
+    assert {s: _out_paths(stages[s]["metrics"]) for s in ("curate", "train", "bench")} == {
+        s: {f"results/{s}/summary.json": {"cache": False}} for s in ("curate", "train", "bench")}
     assert "results/curate/manifest.parquet" in rules["all"]["input"]
 
 
@@ -267,6 +272,17 @@ def test_a_detector_reward_orders_bench_and_train_after_precompute(project):
     # DVC, generated from the same table and these params, orders them the same way.
     subprocess.run([str(BIN / "portraitgen"), "dvc-yaml", "--write"], cwd=project, env=_env(), check=True)
     assert "results/precompute/metrics.json" in dvc_stages(project)["train"]["deps"]
+
+
+def test_a_model_made_by_pretrain_is_an_input_of_every_stage_that_loads_it(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"]["path"] = "results/pretrain/model"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    inputs = _dry_run_inputs(project)
+    # The model folder is kept across reruns (undeclared in Snakemake): its metrics.json stands for it.
+    loading = {name for name, files in inputs.items() if "results/pretrain/metrics.json" in files}
+    assert loading == {"invert", "precompute", "bench_embeddings", "train", "bench"}
+    assert "pretrain" in inputs and "curate" in inputs  # curate only crops at model.resolution
 
 
 def test_params_keys_are_real_sections_and_exclude_tracking(project):
@@ -399,16 +415,19 @@ if args[0] == "curate":  # the curate stage's outputs and its (undeclared / pers
     for name in ("manifest.parquet", "rejected.parquet", "report.html"):
         (out / name).write_text(name)
     (out / "metrics.json").write_text(json.dumps({{"kept": 1}}))
+    (out / "summary.json").write_text(json.dumps({{"kept": 1}}))
     with open(os.environ["PORTRAITGEN_STUB_LOG"], "a") as f:
         f.write(json.dumps({{"args": args, "cache": sorted(p.name for p in (out / "cache").iterdir())}}) + "\\n")
     sys.exit(0)
-if args[0] in ("invert", "precompute", "bench"):  # their declared outputs
-    names = {{"invert": ["index.parquet", "report.html", "residuals.png", "metrics.json"],
+if args[0] in ("pretrain", "invert", "precompute", "bench"):  # their declared outputs
+    names = {{"pretrain": ["model/model_index.json", "artifact_detector/detector.json", "samples.png", "metrics.json"],
+             "invert": ["index.parquet", "report.html", "residuals.png", "metrics.json", "summary.json"],
              "precompute": (["bench_prompt_embeddings.safetensors"] if "--bench-only" in args else
-                            ["prompt_embeddings.safetensors", "exemplar_rewards.parquet", "metrics.json"]),
+                            ["prompt_embeddings.safetensors", "exemplar_rewards.parquet", "metrics.json",
+                             "summary.json"]),
              "bench": ["scores.parquet", "per_category.parquet", "set_metrics.parquet", "comparisons.parquet",
                        "metrics_info.json", "report.html", "report_assets/grid.png", "plots/comparisons.csv",
-                       "images/base/p000_s0.png", "metrics.json"]}}
+                       "images/base/p000_s0.png", "metrics.json", "summary.json"]}}
     for name in names[args[0]]:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(name)
@@ -416,6 +435,7 @@ if args[0] in ("invert", "precompute", "bench"):  # their declared outputs
         import yaml
         lr = yaml.safe_load(open("params.yaml"))["train"]["lr"]
         (out / "metrics.json").write_text(json.dumps({{"comparisons": {{"trained_vs_base": {{"omni": lr}}}}}}))
+        (out / "summary.json").write_text(json.dumps({{"trained": {{"omni": lr}}}}))
     if args[0] == "invert":  # the persistent shard cache
         (out / "shards").mkdir(exist_ok=True)
         (out / "shards" / "shard-0123456789abcdef.safetensors").write_text("trajectories")
@@ -433,6 +453,7 @@ if os.environ.get("PORTRAITGEN_STUB_FAIL"):
 (out / "final").mkdir(exist_ok=True)
 (out / "final" / "model.safetensors").write_text("weights of " + open(args[args.index("--params") + 1]).read())
 (out / "metrics.json").write_text(json.dumps({{"reward_mean": 0.5}}))
+(out / "summary.json").write_text(json.dumps({{"reward_last": 0.5}}))
 (out / "metrics.jsonl").write_text(json.dumps({{"iteration": 0}}) + "\\n")
 """
 
@@ -636,7 +657,7 @@ def test_dvc_repro_twice_is_a_no_op_and_experiments_set_params(project, stub_env
     assert "lr001" in shown and "0.01" in shown
     # `dvc metrics diff` shows the bench's deltas between the experiment and the committed workspace.
     diff = json.loads(dvc(project, "metrics", "diff", "--json", env=env()).stdout)
-    change = diff["results/bench/metrics.json"]["comparisons.trained_vs_base.omni"]
+    change = diff["results/bench/summary.json"]["trained.omni"]
     base_lr = yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=project, capture_output=True,
                                             text=True, check=True).stdout)["train"]["lr"]
     assert change == {"old": base_lr, "new": 0.01, "diff": pytest.approx(0.01 - base_lr)}
