@@ -610,5 +610,7 @@ def uses_detector(name: str, options: dict[str, Any]) -> bool:
 
 def reward_config_hash(params: Params) -> str:
     """The reward settings an exemplar reward table was made with (precompute writes it, training checks it)."""
-    cfg = {"reward": dataclasses.asdict(params.reward), "resolution": params.model.resolution}
+    from .rewards.remote import without_server_keys  # scored in process or by a reward server: the same scores
+
+    cfg = {"reward": without_server_keys(dataclasses.asdict(params.reward)), "resolution": params.model.resolution}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -82,10 +82,18 @@ def _input_files(flat: dict[str, Any]) -> dict[str, str]:
     return files
 
 
+def _is_reward_server_key(key: str) -> bool:
+    """``reward.options.<name>.server[.*]``: where a reward is scored, not what it computes (a run resumes
+    after its reward server moved to another host; docs/reward-server.md)."""
+    parts = key.split(".")
+    return len(parts) >= 4 and parts[:2] == ["reward", "options"] and parts[3] == "server"
+
+
 def fingerprint_of(data: dict[str, Any]) -> dict[str, Any]:
     """The fingerprint of a params mapping (nested, as in params.yaml, with every key present)."""
     flat = flatten(json.loads(json.dumps(data, default=list)))
-    kept = {k: v for k, v in flat.items() if is_training_key(k) and not _matches(k, RESUMABLE_KEYS)}
+    kept = {k: v for k, v in flat.items() if is_training_key(k) and not _matches(k, RESUMABLE_KEYS)
+            and not _is_reward_server_key(k)}
     inputs = {key: _file_hash(path) for key, path in _input_files(flat).items()}
     return json.loads(json.dumps({"params": kept, "inputs": inputs}, sort_keys=True))
 

@@ -78,6 +78,7 @@ from .policies import FlowPolicy, load_policy, model_fingerprint
 from .prompts import load_prompts
 from .rewards import RewardSet
 from .rewards.detector import DetectorConfig
+from .rewards.remote import scoring_options
 from .rewards.simple import to_uint8_hwc
 from .stage import Parts, open_output, part_command, part_file, tracked
 
@@ -299,7 +300,8 @@ def reward_groups(params: Params, plan: DetectorPlan | None) -> tuple[list[str],
 
 def _group_hash(params: Params, names: Sequence[str]) -> str:
     r = params.reward
-    cfg = {"components": {n: r.components[n] for n in names}, "options": {n: r.options.get(n) for n in names},
+    cfg = {"components": {n: r.components[n] for n in names},
+           "options": {n: scoring_options(r.options.get(n)) for n in names},  # a reward server's URL is not scoring
            "normalize": {n: r.normalize[n] for n in names if n in r.normalize}, "on_invalid": r.on_invalid,
            "resolution": params.model.resolution, "block": SCORE_BLOCK}
     text = json.dumps(cfg, sort_keys=True, default=lambda o: asdict(o) if is_dataclass(o) else str(o))

@@ -143,7 +143,11 @@ class RewardSet:
         self.weights = dict(weights)
         self.on_invalid = on_invalid
         self.normalize = {name: _as_normalization(name, spec) for name, spec in normalize.items()}
-        self.rewards = {name: build_reward(name, **dict(options.get(name) or {})) for name in self.weights}
+        from .remote import remote_rewards  # a component whose options name a `server` is scored by it
+
+        remote = remote_rewards(list(self.weights), options)
+        self.rewards = {name: remote[name] if name in remote else build_reward(name, **dict(options.get(name) or {}))
+                        for name in self.weights}
         self.invalid_counts: dict[str, int] = {name: 0 for name in self.weights}  # cumulative, per component
 
     @classmethod
