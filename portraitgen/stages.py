@@ -33,14 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .ablation import RUN_NAME as ABLATION_RUN_NAME
 from .config import Params, params_from_dict, params_to_dict, uses_detector
 from .fingerprint import training_params_keys
 
 MAIN_ROOT = "results"
 ABLATION_ROOT = "results/ablation"
-RUN_ROOT = re.compile(r"^results/ablation/(?P<run>[A-Za-z0-9_.]+-s\d+)$")  # portraitgen.ablation.run_name
+# An ablation run's name: a variant name (portraitgen.ablation.RUN_NAME) and its seed (ablation.run_name).
+_RUN = ABLATION_RUN_NAME.pattern.removeprefix("^").removesuffix("$") + r"-s\d+"
+RUN_ROOT = re.compile(rf"^results/ablation/(?P<run>{_RUN})$")
 # Snakemake's constraint of the `root` wildcard, per kind of root a stage runs under.
-ROOT_PATTERNS = {"main": r"results", "run": r"results/ablation/[A-Za-z0-9_.]+-s\d+", "ablation": r"results/ablation"}
+ROOT_PATTERNS = {"main": r"results", "run": rf"results/ablation/{_RUN}", "ablation": r"results/ablation"}
 PARAMS_FILE = "params.yaml"
 
 

@@ -58,3 +58,17 @@ def test_default_params_read_the_other_stages_outputs():
                                                     "results/precompute/exemplar_rewards.parquet",
                                                     "results/precompute/prompt_embeddings.safetensors"]
     assert stage_inputs(stage("curate"), params) == []
+
+
+def test_ablation_run_names_are_the_roots_the_rules_accept():
+    import re
+
+    from portraitgen.ablation import run_name
+    from portraitgen.stages import ROOT_PATTERNS, RUN_ROOT, Workflow
+
+    for variant, seed in (("plain", 42), ("exemplar_euler", 1), ("v1.2", 1234)):
+        root = f"results/ablation/{run_name(variant, seed)}"
+        assert RUN_ROOT.match(root).group("run") == run_name(variant, seed)
+        assert re.fullmatch(ROOT_PATTERNS["run"], root)
+        assert re.fullmatch(Workflow.run_constraint(), run_name(variant, seed))
+    assert not RUN_ROOT.match("results/ablation/bench")  # the ablation's bench is not a run
