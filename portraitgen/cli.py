@@ -477,13 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     from .rewards import RewardError
     from .training import TrainingSetupError
     from .locking import OutputLockedError
+    from .tracking import TrackingUnreachableError
 
     try:
         with _output_lock(args):
             return args.func(args)
     except (AblationError, ConfigError, CheckpointError, ModelSpecError, ModelPathError, PromptSourceError, RewardError,
             TrainingSetupError, InvertError, ShardError, CurateError, EmbeddingCacheError, ExemplarError,
-            ImageReadError, OutputLockedError) as exc:
+            ImageReadError, OutputLockedError, TrackingUnreachableError) as exc:
         print(f"portraitgen {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -295,9 +295,14 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"  # MLflow tracking URI; a server URI for cluster runs
+    # MLflow tracking URI; a server URI for cluster runs. MLFLOW_TRACKING_URI in the environment wins over it.
+    uri: str = "sqlite:///mlflow.db"
     experiment: str = "portraitgen"
     enabled: bool = True
+    # A tracking server that does not answer one short probe (seconds): "fail" stops the stage before it
+    # starts; "continue" warns and records the run in fallback_uri instead (docs/robustness.md).
+    on_unreachable: Literal["fail", "continue"] = "fail"
+    fallback_uri: str = "sqlite:///mlflow-fallback.db"  # the local record of runs whose server was unreachable
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,18 +27,19 @@ from typing import Sequence
 
 from .config import Params, flatten, load_params, params_to_dict
 from .run_context import run_tags
-from .tracking import PARENT_ENV
+from .tracking import PARENT_ENV, bounded_http_retries, resolve_uri, set_mlflow_uri
 
 log = logging.getLogger(__name__)
 STAGE_TAG = "portraitgen.stage"
 
 
 def _client(params: Params):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(params.tracking.uri)
-    return MlflowClient(tracking_uri=params.tracking.uri)
+    bounded_http_retries()
+    uri = resolve_uri(params.tracking)  # MLFLOW_TRACKING_URI wins; one short probe (portraitgen/tracking.py)
+    set_mlflow_uri(uri)
+    return MlflowClient(tracking_uri=uri)
 
 
 def _experiment_id(client, name: str) -> str:
@@ -65,7 +67,7 @@ def start_parent_run(params_path: str | Path, *, launcher: str, command: str = "
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
     client.log_artifact(run_id, str(params_path))
-    log.info("MLflow parent run %s (%s) at %s", run_id, launcher, params.tracking.uri)
+    log.info("MLflow parent run %s (%s) at %s", run_id, launcher, client.tracking_uri)
     return run_id
 
 
@@ -110,12 +112,24 @@ def run_tracked(params_path: str | Path, command: Sequence[str], *, launcher: st
                                  command=shlex.join(command))
         if owned:
             env[PARENT_ENV] = owned
+    proc = subprocess.Popen(list(command), env=env)
+    terminated = []
+
+    def forward(signum, frame):  # a cancelled job: stop the command, then mark the parent KILLED
+        terminated.append(signum)
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        rc = subprocess.call(list(command), env=env)
+        rc = proc.wait()
     except KeyboardInterrupt:
+        proc.wait()
         rc = 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if owned:
-        end_parent_run(params_path, owned, "FINISHED" if rc == 0 else ("KILLED" if rc == 130 else "FAILED"))
+        killed = rc == 130 or bool(terminated)
+        end_parent_run(params_path, owned, "FINISHED" if rc == 0 else ("KILLED" if killed else "FAILED"))
     return rc
 
 
