@@ -301,7 +301,8 @@ def reward_groups(params: Params, plan: DetectorPlan | None) -> tuple[list[str],
 def _group_hash(params: Params, names: Sequence[str]) -> str:
     r = params.reward
     cfg = {"components": {n: r.components[n] for n in names},
-           "options": {n: scoring_options(r.options.get(n)) for n in names},  # a reward server's URL is not scoring
+           # where a reward is scored (a reward server's URL) is not what it scores
+           "options": {n: None if r.options.get(n) is None else scoring_options(r.options[n]) for n in names},
            "normalize": {n: r.normalize[n] for n in names if n in r.normalize}, "on_invalid": r.on_invalid,
            "resolution": params.model.resolution, "block": SCORE_BLOCK}
     text = json.dumps(cfg, sort_keys=True, default=lambda o: asdict(o) if is_dataclass(o) else str(o))
