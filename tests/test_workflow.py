@@ -199,7 +199,7 @@ def test_snakemake_rules_and_dvc_yaml_come_from_the_stage_table(project):
     """One table (portraitgen/stages.py): dvc.yaml is its generated form, and the rules read it."""
     from portraitgen.stages import STAGES
 
-    gen = subprocess.run([str(BIN / "portraitgen"), "dvc-yaml", "--check"], cwd=project, env=_env(),
+    gen = subprocess.run([sys.executable, "-m", "portraitgen", "dvc-yaml", "--check"], cwd=project, env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert gen.returncode == 0, gen.stderr
     rules = snakemake_rules(project)
@@ -239,7 +239,7 @@ def test_snakemake_rules_and_dvc_yaml_come_from_the_stage_table(project):
     assert not {"bench_suite", "bench_subset"} & set(rules["precompute"]["params"])  # but bench_reward stays
     assert "bench_reward" in rules["precompute"]["params"]
     assert rules["train"]["output"] == {"model": "{root}/train/final", "metrics": "{root}/train/metrics.json",
-                                        "history": "{root}/train/metrics.jsonl"}
+                                        "summary": "{root}/train/summary.json", "history": "{root}/train/metrics.jsonl"}
     assert rules["train"]["directories"] == ["{root}/train/final"]
     # Resume state and the per-image cache stay local: in no tool's outputs, so neither deletes them before a
     # run and a clone that pulled the results misses nothing (dvc status: up to date).
@@ -270,7 +270,7 @@ def test_a_detector_reward_orders_bench_and_train_after_precompute(project):
     assert inputs["train"] == {"results/precompute/metrics.json"}
     assert "results/precompute/metrics.json" in inputs["bench"]
     # DVC, generated from the same table and these params, orders them the same way.
-    subprocess.run([str(BIN / "portraitgen"), "dvc-yaml", "--write"], cwd=project, env=_env(), check=True)
+    subprocess.run([sys.executable, "-m", "portraitgen", "dvc-yaml", "--write"], cwd=project, env=_env(), check=True)
     assert "results/precompute/metrics.json" in dvc_stages(project)["train"]["deps"]
 
 
