@@ -277,3 +277,31 @@ def test_serve_while_runs_a_command_against_the_server_then_stops(tmp_path):
     assert not (tmp_path / "address.json").exists()  # removed on exit
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/health", timeout=2)
+
+
+def test_cluster_recipe_address_file_and_stop_when_the_consumer_is_done(tmp_path):
+    """The workflow's server job: clients find it by its address file; it stops once the consumer's output is
+    written (an older copy of that file does not count) and leaves what it served in --info-out."""
+    from portraitgen.rewards import RewardSet
+
+    done, address, info = tmp_path / "metrics.json", tmp_path / "address.json", tmp_path / "served.json"
+    done.write_text("{}")  # left from an earlier run
+    os.utime(done, (time.time() - 60, time.time() - 60))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"reward": {"components": {"brightness": 1.0}, "options": {"brightness": {
+        "server": {"address_file": str(address), "wait_s": 90, "encoding": "float32"}}}}}))
+    proc = subprocess.Popen([sys.executable, "-m", "portraitgen", "reward-server", "--params", str(params), "--port", "0",
+                             "--address-file", str(address), "--stop-when-exists", str(done), "--info-out", str(info)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        rs = RewardSet({"brightness": 1.0}, options=yaml.safe_load(params.read_text())["reward"]["options"])  # waits
+        images = torch.rand(3, 3, 16, 16)
+        np.testing.assert_allclose(rs(images, ["a"] * 3)["total"], RewardSet({"brightness": 1.0})(images, ["a"] * 3)["total"],
+                                   atol=1e-6)
+        assert proc.poll() is None  # the old metrics.json did not stop it
+        done.write_text("{}")
+        assert proc.wait(30) == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert json.loads(info.read_text())["totals"]["images"] == 3 and not address.exists()

@@ -54,7 +54,11 @@ def add_cli(sub) -> None:
     rs.add_argument("--address-file", help="write {\"url\": ...} here once listening (removed on exit): "
                                            "clients with server: {address_file: ...} find the server by it")
     rs.add_argument("--stop-when-exists", nargs="+", metavar="FILE",
-                    help="shut down once any of these files exists (e.g. the train job's final metrics)")
+                    help="shut down once any of these files is written after the start (e.g. the train job's "
+                         "metrics.json)")
+    rs.add_argument("--stop-when-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="shut down after this long without a request (0: never)")
+    rs.add_argument("--info-out", metavar="FILE", help="on exit, write what was served (the /info reply) here")
     rs.add_argument("--graceful-timeout", type=float, default=60.0,
                     help="seconds SIGTERM waits for requests in flight")
     rs.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

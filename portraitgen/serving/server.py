@@ -115,9 +115,9 @@ def serve(args: argparse.Namespace) -> int:
                             max_wait_s=args.max_wait_ms / 1e3, reward_config_hash=reward_config_hash(params))
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=args.graceful_timeout, access_log=False)
-    server = _GracefulServer(config)
+    server = _graceful_server(config)
     outcome: dict[str, int] = {}
-    threading.Thread(target=_supervise, args=(server, args, host, outcome), daemon=True,
+    threading.Thread(target=_supervise, args=(server, service, args, host, outcome), daemon=True,
                      name="reward-server-supervisor").start()
     server.run()  # returns after SIGTERM/SIGINT or a supervisor's should_exit, requests in flight finished
     child = outcome.get("child")
@@ -129,6 +129,12 @@ def serve(args: argparse.Namespace) -> int:
             child.kill()
     if args.address_file:
         Path(args.address_file).unlink(missing_ok=True)
+    if args.info_out:  # what was served: rewards, histograms, totals (the workflow rule's output)
+        out = Path(args.info_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(service.info(), indent=1) + "\n")
+        os.replace(tmp, out)
     log.info("reward server stopped (%d images in %d batches)", service.totals["images"], service.totals["batches"])
     if not server.started:
         raise SystemExit(f"reward server: could not listen on {host}:{port} (in use? see the log above)")
@@ -166,12 +172,14 @@ def _graceful_server_class():
     return GracefulServer
 
 
-def _GracefulServer(config):
+def _graceful_server(config):
     return _graceful_server_class()(config)
 
 
-def _supervise(server, args: argparse.Namespace, host: str, outcome: dict) -> None:
-    """Once listening: write the address file, run the --serve-while command, watch --stop-when-exists."""
+def _supervise(server, service: RewardService, args: argparse.Namespace, host: str, outcome: dict) -> None:
+    """Once listening: write the address file, run the --serve-while command, or watch --stop-when-exists
+    and --stop-when-idle."""
+    started = time.time()
     while not server.started:
         if server.should_exit:
             return
@@ -192,12 +200,19 @@ def _supervise(server, args: argparse.Namespace, host: str, outcome: dict) -> No
         log.info("command exited with %d; stopping the reward server", outcome["rc"])
         server.should_exit = True
         return
-    if args.stop_when_exists:
-        while not server.should_exit:
-            if any(Path(p).exists() for p in args.stop_when_exists):
-                log.info("%s exists; stopping the reward server", " or ".join(args.stop_when_exists))
-                server.should_exit = True
-                return
-            time.sleep(2.0)
+    if not (args.stop_when_exists or args.stop_when_idle):
+        return
+    while not server.should_exit:
+        # Only a file written after the start counts: a consumer's output left from an earlier run is
+        # about to be replaced (Snakemake removes a job's outputs before it runs), not a signal to stop.
+        done = [p for p in args.stop_when_exists or [] if Path(p).exists() and Path(p).stat().st_mtime >= started]
+        idle = time.monotonic() - service.last_request
+        if done:
+            log.info("%s written; stopping the reward server", done[0])
+            server.should_exit = True
+        elif args.stop_when_idle and idle >= args.stop_when_idle:
+            log.info("no request for %.0f s (--stop-when-idle); stopping the reward server", idle)
+            server.should_exit = True
+        time.sleep(1.0)
 
 

@@ -60,6 +60,7 @@ class RewardService:
         self.batch_requests: collections.Counter[int] = collections.Counter()
         self.totals = {"images": 0, "requests": 0, "batches": 0, "errors": 0, "compute_s": 0.0}
         self.started = time.time()
+        self.last_request = time.monotonic()  # start, then the last request's arrival (--stop-when-idle)
         self._last_report = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
@@ -101,6 +102,7 @@ class RewardService:
             if self._stopping:
                 raise RuntimeError("the reward server is shutting down")
             self._pending.append(req)
+            self.last_request = req.arrived
             self._cond.notify_all()
         return fut
 
