@@ -30,16 +30,18 @@ one) and judges. One process, several parts or one part per job give the same ou
 """
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,11 @@ ANALYSIS_VERSION = 1  # bump when the analysis changes what it computes: every c
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white
 THUMB_SIDE = 128  # px, long side of the report thumbnails
-REASONS = ("excluded", "not_included", "unreadable", "duplicate", "too_small", "extreme_aspect", "no_face",
+# Image formats curate does not read: such files are recorded (unsupported_format), not silently passed over.
+UNSUPPORTED_IMAGE_EXTENSIONS = (".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".ico", ".psd", ".dng",
+                                ".cr2", ".nef", ".arw")
+REASONS = ("unreadable_folder", "not_a_file", "unsupported_format",
+           "excluded", "not_included", "unreadable", "duplicate", "too_small", "extreme_aspect", "no_face",
            "too_many_faces", "face_too_small", "upscale_too_large", "blurry", "bad_exposure", "low_contrast",
            "near_duplicate")
 
@@ -80,17 +86,86 @@ class Listing:
     captions_file: str  # the sidecar used when curate.captions is empty ("" = none)
     captions_key: str  # the params key reported in errors about that file
     origins: dict[str, str]  # rel -> where a built-in file came from
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (rel, reason, detail), see scan_folder
+
+
+@dataclass
+class FolderScan:
+    images: list[str]  # regular image files (relative POSIX paths), sorted
+    others: list[str]  # other regular files, sorted
+    skipped: list[tuple[str, str, str]]  # (rel, reason, detail): what is not read, and why
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def scan_folder(folder: str | Path) -> FolderScan:
+    """The files under ``folder``, recursively (hidden files and folders left out), never opening one.
+
+    Symbolic links to folders are followed once per real folder (a link loop, or two links to one
+    folder, is walked once). What cannot be used is recorded with its reason: a folder that cannot be
+    listed (``unreadable_folder``), a FIFO, device, socket or broken link named like an image
+    (``not_a_file``: opening a FIFO would block forever), an image format curate cannot read
+    (``unsupported_format``). Snakemake's view of a source folder uses the same scan
+    (portraitgen/stages.py), so a bad link there never aborts the workflow.
+    """
+    folder = Path(folder)
+    images: list[str] = []
+    others: list[str] = []
+    skipped: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    links: list[tuple[Path, str]] = []  # symlinked folders, walked after every real one
+
+    def visit(path: Path, rel: str) -> None:
+        real = os.path.realpath(path)
+        if real in seen:
+            log.debug("curate: %s is a link to a folder already walked (%s)", path, real)
+            return
+        seen.add(real)
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append((rel or ".", "unreadable_folder", f"cannot list folder: {exc.strerror or exc}"))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            is_image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
+            try:
+                st = entry.stat()  # follows links
+            except OSError:
+                if is_image:
+                    skipped.append((child, "not_a_file", "broken symbolic link"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if entry.is_symlink():  # a folder's own path wins over a link to it
+                    links.append((Path(entry.path), child))
+                else:
+                    visit(Path(entry.path), child)
+            elif not stat.S_ISREG(st.st_mode):
+                if is_image:
+                    kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
+                    skipped.append((child, "not_a_file", f"{kind}, not a regular file: not opened"))
+            elif is_image:
+                images.append(child)
+            elif entry.name.lower().endswith(UNSUPPORTED_IMAGE_EXTENSIONS):
+                skipped.append((child, "unsupported_format", f"{Path(entry.name).suffix.lower()} images are not "
+                                                             f"read (supported: {', '.join(IMAGE_EXTENSIONS)})"))
+            else:
+                others.append(child)
+
+    visit(folder, "")
+    while links:
+        visit(*links.pop(0))
+    return FolderScan(sorted(images), sorted(others), sorted(skipped))
 
 
 def _walk(folder: Path) -> list[str]:
-    """Image files under ``folder`` (recursively, hidden files and folders skipped), sorted."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append((Path(root) / name).relative_to(folder).as_posix())
-    return sorted(found)
+    """Image files under ``folder`` (see :func:`scan_folder`), sorted."""
+    return scan_folder(folder).images
 
 
 def list_sources(params: Params, out_dir: Path) -> Listing:
@@ -107,10 +182,13 @@ def list_sources(params: Params, out_dir: Path) -> Listing:
                           f"a folder or a list file")
     path = Path(src)
     if path.is_dir():
-        rels = _walk(path)
-        if not rels:
-            raise CurateError(f"params key 'curate.source': no image files ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
-        return Listing([Item(r, os.path.join(src, r)) for r in rels], "", "", {})
+        scan = scan_folder(path)
+        if not scan.images:
+            raise CurateError(f"params key 'curate.source': no image files ({', '.join(IMAGE_EXTENSIONS)}) in {path}"
+                              + (f" ({len(scan.skipped)} skipped, e.g. {scan.skipped[0][0]}: {scan.skipped[0][2]})"
+                                 if scan.skipped else ""))
+        return Listing([Item(r, os.path.join(src, r)) for r in scan.images], "", "", {},
+                       [(r, reason, detail) for r, reason, detail in scan.skipped])
     if not path.is_file():
         raise CurateError(f"params key 'curate.source': not found: {path} (expected 'builtin:demo', a folder of "
                           f"images, or a .txt/.csv/.jsonl file listing image paths)")
@@ -281,6 +359,10 @@ def analyse_file(path: str, cache_dir: str, settings: dict[str, Any],
                  crop_when: CropWhen = CropWhen()) -> dict[str, Any]:
     """One file's cached analysis (a worker's task). Never raises for a bad file: it reports it."""
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO would block the worker forever: never opened
+            kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+            return {"error": f"{kind}, not a regular file: not opened", "content_hash": "", "cached": False}
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return {"error": "file not found", "content_hash": "", "cached": False}
@@ -318,6 +400,25 @@ def _analyse_task(task: tuple) -> dict[str, Any]:
     return analyse_file(*task)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the curate process is gone (killed, even by SIGKILL), instead
+    of leaving it to finish the queue for nobody. (Workers are children of the fork server, not of curate,
+    so the parent's death is watched by pid.)"""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # the pid now belongs to another user's process: ours is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="portraitgen-curate-parent-watch").start()
+
+
 def default_workers() -> int:
     env = os.environ.get("PORTRAITGEN_WORKERS")
     return int(env) if env else (os.cpu_count() or 1)
@@ -339,7 +440,8 @@ def analyse_all(paths: list[str], cache_dir: Path, settings: dict[str, Any], wor
     # can leave locks held in the child, which then hangs. Workers start clean from a fork server
     # (or spawn); a script that calls run_curate needs the usual `if __name__ == "__main__":` guard.
     ctx = get_context("forkserver" if "forkserver" in get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         return list(tqdm(pool.map(_analyse_task, tasks, chunksize=chunk), **bar))
 
 
@@ -453,15 +555,12 @@ REJECTED_FIELDS: list[tuple[str, str]] = [
 
 
 def _place(src: Path, dst: Path) -> None:
-    """dst becomes the same bytes as src: a hard link into the cache when possible, else a copy."""
-    if dst.exists():
-        if os.path.samefile(src, dst):
-            return
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+    """dst becomes a copy of src (never a hard link: editing a curated image must not edit the cache),
+    written atomically; an identical existing copy is left alone."""
+    if (dst.is_file() and not dst.is_symlink() and not os.path.samefile(src, dst)
+            and filecmp.cmp(src, dst, shallow=False)):
+        return
+    atomic_write_bytes(dst, src.read_bytes())
 
 
 def too_few_kept(c: CurateConfig, total: int, kept: int, rejected: list[dict[str, Any]]) -> str:
@@ -548,6 +647,9 @@ def run_curate(params: Params, out_dir: str | Path, *, part: int | None = None, 
                          "detail": detail, "width": rec.get("width"), "height": rec.get("height"),
                          "origin": listing.origins.get(item.rel, ""), "thumb_file": rec.get("thumb_file", "")})
 
+    for rel, reason, detail in listing.skipped:  # found in the source but never read (scan_folder)
+        rejected.append({"source_path": os.path.join(c.source.strip(), rel), "content_hash": "", "reason": reason,
+                         "detail": detail, "width": None, "height": None, "origin": "", "thumb_file": ""})
     for item, rec in zip(listing.items, records):
         if _listed(exclude, item, rec):
             reject(item, rec, "excluded", f"listed in curate.exclude ({c.exclude})")
@@ -638,7 +740,7 @@ def run_curate(params: Params, out_dir: str | Path, *, part: int | None = None, 
         by_reason[r["reason"]] += 1
     seconds = time.perf_counter() - t0
     metrics = {
-        "total": len(listing.items), "kept": len(kept), "rejected": len(rejected),
+        "total": len(listing.items) + len(listing.skipped), "kept": len(kept), "rejected": len(rejected),
         "rejected_by_reason": by_reason,
         "split": {s: sum(r["split"] == s for r in kept) for s in ("train", "bench_reference")},
         "captions": caption_counts, **counts, "workers": workers, "num_parts": num_parts,

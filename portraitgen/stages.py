@@ -438,17 +438,15 @@ def _expand_folder(path: str) -> list[str]:
     """A user folder as its files, so that Snakemake sees added or replaced files, not only the folder's
     mtime. A folder holding images (photos, a real reference set) contributes its images only: the
     stages read nothing else there."""
-    from .curate import IMAGE_EXTENSIONS
+    from .curate import scan_folder
 
     p = Path(path)
     if not p.is_dir():
         return [path]
-    files = []
-    for here, dirs, names in os.walk(p, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [os.path.join(here, n) for n in names if not n.startswith(".")]
-    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(images or files)
+    # curate's own walk: each real folder once (no link loops), regular files only (a broken link or a
+    # FIFO in the source is curate's to record, never a missing input that aborts the workflow).
+    scan = scan_folder(p)
+    return sorted(os.path.join(path, rel) for rel in (scan.images or scan.others))
 
 
 class Workflow:
