@@ -92,7 +92,7 @@ def _check_masked(stats, trainer, batch):
     odd = batch.sample_index % 2 == 1
     assert stats["reward/masked"] == pytest.approx(odd.mean())
     assert (batch.advantages[odd] == 0).all() and not batch.mask[odd].any()
-    rows = trainer._sample_rows
+    rows = batch.log_rows  # every sample's samples.jsonl row
     assert all(r["masked"] == (r["sample_index"] % 2 == 1) for r in rows)
     assert all(not r["trained"] for r in rows if r["masked"])
     return odd

@@ -1,0 +1,75 @@
+"""What a training run settles before its first iteration: how the global batches split over processes
+and micro-batches, and how the hardware options apply to the policy. Errors here are
+:class:`TrainingSetupError`, raised before any model work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import Params
+from .hardware import Hardware
+
+
+class TrainingSetupError(ValueError):
+    """The run cannot start: params, hardware flags and process count do not fit together."""
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Batch sizes of one process. ``micro_batch * accumulation * world == train.global_batch_size`` and
+    ``local_samples * world == sample.global_batch_size``: the process count never changes what is computed."""
+
+    micro_batch: int  # samples per forward/backward pass
+    accumulation: int  # micro-batches per optimizer step
+    rollout_batch: int  # samples per forward pass without gradients (rollouts, exemplar log-probs)
+    local_samples: int  # samples this process rolls out per iteration
+
+
+def batch_layout(params: Params, hardware: Hardware, world: int) -> BatchLayout:
+    s, t, w = params.sample, params.train, world
+    if s.global_batch_size % w:
+        raise TrainingSetupError(f"sample.global_batch_size={s.global_batch_size} is not divisible by the "
+                                 f"{w} processes")
+    if t.global_batch_size % w:
+        raise TrainingSetupError(f"train.global_batch_size={t.global_batch_size} is not divisible by the "
+                                 f"{w} processes")
+    per_proc = t.global_batch_size // w
+    mb = hardware.micro_batch_size
+    if mb < 0:
+        raise TrainingSetupError(f"--micro-batch-size must be >= 0, got {mb}")
+    if mb == 0:  # the largest divisor of the per-process batch up to 8
+        mb = max(d for d in range(1, min(per_proc, 8) + 1) if per_proc % d == 0)
+    if per_proc % mb:
+        raise TrainingSetupError(f"--micro-batch-size={mb} does not divide the per-process train batch "
+                                 f"{per_proc} (train.global_batch_size={t.global_batch_size} / {w} processes)")
+    if hardware.rollout_micro_batch_size < 0:
+        raise TrainingSetupError(f"--rollout-batch-size must be >= 0, got {hardware.rollout_micro_batch_size}")
+    # No activations are kept without gradients: rollouts can run larger (more efficient) batches.
+    return BatchLayout(micro_batch=mb, accumulation=per_proc // mb,
+                       rollout_batch=hardware.rollout_micro_batch_size or mb, local_samples=s.global_batch_size // w)
+
+
+def apply_hardware_options(policy, hardware: Hardware) -> None:
+    """Precision of the frozen weights, activation checkpointing and compilation of the transformer."""
+    hw = hardware
+    if hw.mixed_precision != "no" and hw.low_precision_weights:
+        policy.cast_frozen(torch.bfloat16 if hw.mixed_precision == "bf16" else torch.float16)
+    if hw.mixed_precision != "no" and policy.finetune == "lora":
+        policy.lora_input_casts(False)  # autocast casts for the matmul anyway
+    if hw.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    if hw.compile:
+        # Shapes are few and fixed (rollout, training and reference batches), so no dynamic shapes.
+        policy.compile_transformer(dynamic=False)
+
+
+def hardware_params(hardware: Hardware, layout: BatchLayout, world: int) -> dict[str, Any]:
+    """The hardware choices as MLflow params (they change rounding, never what is computed)."""
+    hw = hardware
+    return {"hardware.world_size": world, "hardware.micro_batch": layout.micro_batch,
+            "hardware.rollout_batch": layout.rollout_batch, "hardware.mixed_precision": hw.mixed_precision,
+            "hardware.low_precision_weights": hw.low_precision_weights, "hardware.compile": hw.compile,
+            "hardware.gradient_checkpointing": hw.gradient_checkpointing}
