@@ -271,3 +271,61 @@ def test_reward_curves_use_the_generated_samples_reward(tmp_path):
     runs[0].train_dir.joinpath("metrics.jsonl").unlink()
     with pytest.raises(ar.AblationReportError, match="plain-s1.*has not trained|has not trained"):
         ar.reward_curves(runs)
+
+
+def test_report_of_a_tiny_ablation_end_to_end(tmp_path):
+    """Two variants x two seeds trained for 2 iterations on the tiny model, benched, reported."""
+    from portraitgen.bench.run import run_bench
+    from portraitgen.bench.suite import load_suite
+    from portraitgen.config import params_from_dict
+    from portraitgen.invert import run_invert
+    from portraitgen.training import GRPOTrainer
+
+    from helpers import fast_params, make_manifest
+
+    manifest = make_manifest(tmp_path / "curate", n=4, size=32, captions=["a woman", "a woman", "a man", "a man"])
+    index = tmp_path / "invert" / "index.parquet"
+    run_invert(params_from_dict(fast_params(**{"invert.manifest": str(manifest), "invert.diagnostic_samples": 2})),
+               index.parent)
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("".join(p.to_json() + "\n" for p in load_suite("builtin:v1", "cpu")[:3]))
+    ablation_file = _write(tmp_path, "baseline: plain\nseeds: [1, 2]\ncommon: {train.checkpoint_every: 1}\n"
+                                     "variants:\n  plain: {}\n  sft: {train.sft.share: 0.2, train.sft.batch_size: 2}\n")
+    ablation = load_ablation(ablation_file)
+    base = fast_params(**{"prompts.source": "exemplars", "train.exemplars.index": str(index),
+                          "train.keep_checkpoints": 10, "bench.suite": str(suite), "bench.subset": "full",
+                          "bench.seeds": [0, 1], "bench.bootstrap": 100, "bench.prompt_embeddings": "",
+                          "bench.reward": {"components": {"omni_classic": 1.0}, "options": {}},
+                          "bench.reference": str(tmp_path / "curate" / "images")})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(base))
+    root = tmp_path / "ablation"
+    for run in ablation.runs:
+        data = run_params(tmp_path / "params.yaml", ablation, run, root / run)
+        data["train"]["exemplars"]["index"] = str(index)  # the test's one inversion serves every run
+        (root / run).mkdir(parents=True)
+        (root / run / "params.yaml").write_text(yaml.safe_dump(data))
+        GRPOTrainer(params_from_dict(data), root / run / "train").run()
+    params = params_from_dict(base)
+    run_bench(params, root / "bench", models={r: str(root / r / "train") for r in ablation.runs},
+              baseline="plain-s1", report=False)
+
+    grey = ar.ArtifactScorer(lambda images: np.array([ar.chroma(im) / 50 for im in images]), threshold=0.5)
+    summary = ar.write_report(params, ablation_file, root, against=["sft"], scorer=grey, curve_prompts=2)
+    out = root / "report"
+    table = pd.read_csv(out / "table.csv")
+    assert set(table["variant"]) == {"plain", "sft"}
+    for metric in ("planted_artifact", "chroma", "seed_diversity", "face_detected", "omni_classic",
+                   "feature_distance_to_real"):
+        assert metric in set(table["metric"]), metric
+    assert (table[table["metric"] == "chroma"]["runs"] == 2).all()
+    comp = pd.read_csv(out / "comparisons.csv")
+    assert set(comp["variant"]) == {"sft"} and set(comp["against"]) == {"plain"}
+    curves = pd.read_csv(out / "curves.csv")
+    # Reward every iteration; artifact rate and chroma at the base model (0) and after each checkpoint.
+    assert sorted(set(curves[curves["metric"] == "reward"]["iteration"])) == [0, 1]
+    assert sorted(set(curves[curves["metric"] == "planted_artifact"]["iteration"])) == [0, 1, 2]
+    base_points = curves[(curves["iteration"] == 0) & (curves["metric"] == "chroma")]["value"]
+    assert base_points.nunique() == 1  # every run starts from the same base model and noise
+    for name in ("curves.png", "grid.png", "report.md", "summary.json"):
+        assert (out / name).stat().st_size > 100, name
+    assert summary["scale"]["runs"] == 4 and summary["scale"]["bench_images"] == 4 * 3 * 2
