@@ -84,6 +84,11 @@ def part_file(out_dir: str | Path, part: int, num_parts: int, ext: str) -> Path:
     return Path(out_dir) / "parts" / f"part-{part:04d}-of-{num_parts:04d}.{ext}"
 
 
+def part_pattern(out_dir: str, num_parts: int, ext: str, wildcard: str = "{part}") -> str:
+    """:func:`part_file` with the part number left as a (Snakemake) wildcard."""
+    return f"{out_dir}/parts/part-{wildcard}-of-{num_parts:04d}.{ext}"
+
+
 def part_command(stage: str, out_dir: str | Path, part: int, num_parts: int, params: str = "...") -> str:
     """The command that (re)makes one part file, for error messages of the merge."""
     return f"portraitgen {stage} --params {params} --out {out_dir} --part {part} --num-parts {num_parts}"

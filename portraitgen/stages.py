@@ -36,6 +36,7 @@ from typing import Any
 from .ablation import RUN_NAME as ABLATION_RUN_NAME
 from .config import Params, params_from_dict, params_to_dict, uses_detector
 from .fingerprint import training_params_keys
+from .stage import part_file, part_pattern
 
 MAIN_ROOT = "results"
 ABLATION_ROOT = "results/ablation"
@@ -542,11 +543,11 @@ class Workflow:
 
     def part_pattern(self, name: str) -> str:
         s = stage(name)
-        return f"{{root}}/{s.folder}/parts/part-{{part}}-of-{self.num_parts(name):04d}.{s.parts}"
+        return part_pattern(f"{{root}}/{s.folder}", self.num_parts(name), s.parts)
 
     def part_files(self, name: str, root: str) -> list[str]:
         s, n = stage(name), self.num_parts(name)
-        return [f"{root}/{s.folder}/parts/part-{i:04d}-of-{n:04d}.{s.parts}" for i in range(n)]
+        return [str(part_file(f"{root}/{s.folder}", i, n, s.parts)) for i in range(n)]
 
     def resources(self, name: str) -> dict[str, Any]:
         from .hardware import snakemake_resources
