@@ -102,7 +102,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed batches per reward and mode")
     ap.add_argument("--clients", type=int, default=2, help="concurrent client threads for the batching figure")
     ap.add_argument("--encoding", default="uint8", choices=["uint8", "png", "float32"])
-    ap.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's batching wait")
+    ap.add_argument("--max-wait-ms", type=float, default=20.0, help="the server's batching wait (its default)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of this process and of the server")
     ap.add_argument("--quick", action="store_true", help="64 px, batch 4, 2 repeats (a smoke run)")
     args = ap.parse_args()

@@ -305,3 +305,21 @@ def test_cluster_recipe_address_file_and_stop_when_the_consumer_is_done(tmp_path
         if proc.poll() is None:
             proc.kill()
     assert json.loads(info.read_text())["totals"]["images"] == 3 and not address.exists()
+
+
+def test_uint8_transport_quantises_exactly_like_the_rewards():
+    from portraitgen.rewards.remote import decode_images, encode_images, pack_request, unpack_request, uint8_hwc
+    from portraitgen.rewards.simple import to_uint8_hwc
+
+    x = torch.rand(3, 3, 17, 9, generator=torch.Generator().manual_seed(1))
+    x[0, 0, 0, :6] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255, -0.1, 1.2, float("nan")]).nan_to_num(0.0)
+    assert np.array_equal(uint8_hwc(x), to_uint8_hwc(x))  # rounding half to even, clamping: bit for bit
+    for enc in ("uint8", "png", "float32"):
+        fields, payload = encode_images(x, enc)
+        header, body = unpack_request(pack_request({"prompts": ["a"] * 3, **fields}, payload))
+        y = decode_images(header, body)
+        assert y.shape == x.shape and header["prompts"] == ["a"] * 3
+        if enc == "float32":
+            assert torch.equal(y, x)
+        else:  # what the server's rewards quantise again is the client's quantisation
+            assert np.array_equal(to_uint8_hwc(y), to_uint8_hwc(x))

@@ -48,7 +48,6 @@ import numpy as np
 import torch
 
 from .registry import PartsReward, RewardError
-from .simple import to_uint8_hwc
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +138,20 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"meta value {o!r} ({type(o).__name__}) cannot be sent to a reward server")
 
 
+def uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """:func:`~portraitgen.rewards.simple.to_uint8_hwc`, bit for bit (float32 multiply, round half to even),
+    computed in torch before the transpose: several times faster on large batches."""
+    x = images.detach().to("cpu", torch.float32).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def encode_images(images: torch.Tensor, encoding: str) -> tuple[dict[str, Any], bytes]:
     """[B, 3, H, W] in [0, 1] -> (header fields, payload bytes)."""
     b, _, h, w = images.shape
     if encoding == "float32":
         arr = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return {"encoding": "float32", "shape": [b, 3, h, w]}, arr.astype("<f4", copy=False).tobytes()
-    pixels = to_uint8_hwc(images)
+    pixels = uint8_hwc(images)
     if encoding == "uint8":
         return {"encoding": "uint8", "shape": [b, h, w, 3]}, pixels.tobytes()
     from PIL import Image
@@ -323,12 +329,13 @@ class RemoteGroup:
     def parts(self, name: str, images: torch.Tensor, prompts: Sequence[str], meta: Sequence[dict]):
         with self._lock:
             m = self._memo
+            meta_text = json.dumps(list(meta), sort_keys=True, default=_json_default)
             if (m is not None and m[0] is images and m[1] == images._version and m[2] == list(prompts)
-                    and m[3] == list(meta) and name in m[5]):
+                    and m[3] == meta_text and name in m[5]):
                 m[5].discard(name)
                 return m[4][name]
             results = self._score(images, prompts, meta)
-            self._memo = (images, images._version, list(prompts), list(meta), results, set(self.hashes) - {name})
+            self._memo = (images, images._version, list(prompts), meta_text, results, set(self.hashes) - {name})
             return results[name]
 
     def _score(self, images, prompts, meta) -> dict[str, tuple[dict[str, np.ndarray], dict[int, str]]]:

@@ -186,7 +186,10 @@ class RewardService:
             for k, v in arrays.items():
                 if v.shape[0] != len(prompts):
                     raise RewardError(f"reward {rw.name!r} returned {v.shape[0]} {k} values for {len(prompts)} images")
-            errors = dict(getattr(fn, "last_errors", None) or {})
+            # Reasons only for the images without a finite score (a reward may keep older entries).
+            finite = np.isfinite(arrays["score"]) if "score" in arrays else np.ones(len(prompts), bool)
+            errors = {i: e for i, e in dict(getattr(fn, "last_errors", None) or {}).items()
+                      if 0 <= int(i) < len(prompts) and not finite[int(i)]}
             for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
                 out[j][rw.name] = {"config_hash": rw.config_hash,
                                    "parts": {k: floats_to_json(v[a:b]) for k, v in arrays.items()},
