@@ -481,7 +481,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with _output_lock(args):
-            return args.func(args)
+            rc = args.func(args)
+            if rc == 0:  # the stage's headline numbers for DVC (portraitgen/summary.py)
+                from .summary import write_for_command
+
+                write_for_command(args)
+            return rc
     except (AblationError, ConfigError, CheckpointError, ModelSpecError, ModelPathError, PromptSourceError, RewardError,
             TrainingSetupError, InvertError, ShardError, CurateError, EmbeddingCacheError, ExemplarError,
             ImageReadError, OutputLockedError, TrackingUnreachableError) as exc:

@@ -59,6 +59,10 @@ class Output:
     # Kept across reruns (resume state, content-addressed caches): DVC `persist: true`; Snakemake leaves
     # it undeclared, because it deletes every declared output before running a job.
     persist: bool = False
+    # Local state (resume checkpoints, per-image analysis caches) that stays on the machine that made it:
+    # left out of dvc.yaml too, so DVC neither deletes it before a run nor needs it after `dvc pull` (a
+    # clone that pulled the results has nothing missing, and nothing to rerun).
+    local: bool = False
     directory: bool = False
     note: str = ""  # a comment in dvc.yaml
 
@@ -164,8 +168,10 @@ STAGES: tuple[Stage, ...] = (
                         "unchanged, so it is kept across reruns"),
             Output("artifact_detector", "detector", persist=True, directory=True,
                    note="the planted-artifact CNN (evaluation only); reused like the model"),
-            Output("samples.png", "samples", cache=False),
-            Output("metrics.json", "metrics", kind="metric", cache=False),
+            Output("samples.png", "samples"),
+            Output("metrics.json", "metrics", note="everything the stage measured"),
+            Output("summary.json", "summary", kind="metric", cache=False,
+                   note="its headline numbers, tracked by git: the DVC metrics (portraitgen/summary.py)"),
         ),
         params=("pretrain", "model.family", "model.resolution"), loads_model=False,
         threads=1, resources={"mem_mb": 4000, "runtime": 60, "gpu": 0},
@@ -178,11 +184,13 @@ STAGES: tuple[Stage, ...] = (
             Output("images", "images", directory=True),
             Output("manifest.parquet", "manifest"),
             Output("rejected.parquet", "rejected"),
-            Output("report.html", "report", cache=False),
-            Output("cache", "cache", persist=True, cache=False,
+            Output("report.html", "report"),
+            Output("cache", "cache", persist=True, local=True,
                    note="per-image analyses keyed by content hash: a rerun after adding photos analyses only "
-                        "the new ones"),
-            Output("metrics.json", "metrics", kind="metric", cache=False),
+                        "the new ones (local, not in dvc.yaml)"),
+            Output("metrics.json", "metrics", note="everything the stage measured"),
+            Output("summary.json", "summary", kind="metric", cache=False,
+                   note="its headline numbers, tracked by git: the DVC metrics (portraitgen/summary.py)"),
         ),
         params=("curate", "model.resolution"), loads_model=False, reads=_curate_reads, primary="manifest",
         threads=8, resources={"mem_mb": 8000, "runtime": 240}, hardware=" --workers {threads}", parts="jsonl",
@@ -193,11 +201,13 @@ STAGES: tuple[Stage, ...] = (
         doc="curated portraits -> trajectory shards on the training schedule, index, report (portraitgen/invert.py)",
         outputs=(
             Output("index.parquet", "index"),
-            Output("report.html", "report", cache=False),
-            Output("residuals.png", "plot", cache=False),
+            Output("report.html", "report"),
+            Output("residuals.png", "plot"),
             Output("shards", "shards", persist=True,
                    note="content-addressed trajectory shards: a rerun inverts only new or changed images"),
-            Output("metrics.json", "metrics", kind="metric", cache=False),
+            Output("metrics.json", "metrics", note="everything the stage measured"),
+            Output("summary.json", "summary", kind="metric", cache=False,
+                   note="its headline numbers, tracked by git: the DVC metrics (portraitgen/summary.py)"),
         ),
         params=("invert", "model", "sample", "seed"), reads=lambda p: [p.invert.manifest], primary="index",
         resources={**_GPU, "runtime": 240, "invert_batch": 4}, hardware=" --batch-size {resources.invert_batch}",
@@ -210,7 +220,9 @@ STAGES: tuple[Stage, ...] = (
         outputs=(
             Output("prompt_embeddings.safetensors", "embeddings"),
             Output("exemplar_rewards.parquet", "rewards"),
-            Output("metrics.json", "metrics", kind="metric", cache=False),
+            Output("metrics.json", "metrics", note="everything the stage measured"),
+            Output("summary.json", "summary", kind="metric", cache=False,
+                   note="its headline numbers, tracked by git: the DVC metrics (portraitgen/summary.py)"),
         ),
         params=("prompts", "reward", "model", "sample.eval_num_steps", "sample.guidance_scale", "sample.cfg",
                 "bench.reward"),
@@ -235,10 +247,12 @@ STAGES: tuple[Stage, ...] = (
         doc="GRPO post-training on every GPU of the job (portraitgen/launch.py -> portraitgen/training.py)",
         outputs=(
             Output("final", "model", directory=True),
-            Output("metrics.jsonl", "history", cache=False, note="one row per iteration"),
-            Output("checkpoints", "checkpoints", persist=True, cache=False,
-                   note="resume state of an interrupted run (large, useful only here: not cached)"),
-            Output("metrics.json", "metrics", kind="metric", cache=False),
+            Output("metrics.jsonl", "history", note="one row per iteration"),
+            Output("checkpoints", "checkpoints", persist=True, local=True,
+                   note="resume state of an interrupted run (large, useful only here: local, not in dvc.yaml)"),
+            Output("metrics.json", "metrics", note="everything the stage measured"),
+            Output("summary.json", "summary", kind="metric", cache=False,
+                   note="its headline numbers, tracked by git: the DVC metrics (portraitgen/summary.py)"),
         ),
         params=tuple(training_params_keys()), reads=_train_reads, primary="model",
         threads=4, resources={"mem_mb": 16000, "runtime": 240, "gpu": 0}, hardware="train", roots=("main", "run"),
@@ -252,12 +266,14 @@ STAGES: tuple[Stage, ...] = (
             Output("set_metrics.parquet", "set_metrics"),
             Output("comparisons.parquet", "comparisons"),
             Output("metrics_info.json", "metrics_info"),
-            Output("report.html", "report", cache=False),
-            Output("report_assets", "assets", cache=False, directory=True),
-            Output("plots", "plots", cache=False, directory=True),
+            Output("report.html", "report"),
+            Output("report_assets", "assets", directory=True),
+            Output("plots", "plots", directory=True),
             Output("images", "images", persist=True,
                    note="written by the part jobs when scattered; persist keeps them for the merge"),
-            Output("metrics.json", "metrics", kind="metric", cache=False),
+            Output("metrics.json", "metrics", note="everything the stage measured"),
+            Output("summary.json", "summary", kind="metric", cache=False,
+                   note="its headline numbers, tracked by git: the DVC metrics (portraitgen/summary.py)"),
         ),
         params=("bench", "model"), reads=_bench_reads,
         resources={**_GPU, "runtime": 120, "bench_batch": 8}, hardware=" --batch-size {resources.bench_batch}",
@@ -397,7 +413,7 @@ def dvc_stage(s: Stage, params: Params) -> dict[str, Any]:
 
     body: dict[str, Any] = {"cmd": dvc_command(s), "deps": ["portraitgen", *stage_inputs(s, params)],
                             "params": list(s.params)}
-    outs = [entry(o) for o in s.outputs if o.kind == "out"]
+    outs = [entry(o) for o in s.outputs if o.kind == "out" and not o.local]
     if outs:
         body["outs"] = outs
     if s.metrics:

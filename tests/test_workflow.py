@@ -422,7 +422,8 @@ if args[0] == "curate":  # the curate stage's outputs and its (undeclared / pers
         f.write(json.dumps({{"args": args, "cache": sorted(p.name for p in (out / "cache").iterdir())}}) + "\\n")
     sys.exit(0)
 if args[0] in ("pretrain", "invert", "precompute", "bench"):  # their declared outputs
-    names = {{"pretrain": ["model/model_index.json", "artifact_detector/detector.json", "samples.png", "metrics.json"],
+    names = {{"pretrain": ["model/model_index.json", "artifact_detector/detector.json", "samples.png", "metrics.json",
+                          "summary.json"],
              "invert": ["index.parquet", "report.html", "residuals.png", "metrics.json", "summary.json"],
              "precompute": (["bench_prompt_embeddings.safetensors"] if "--bench-only" in args else
                             ["prompt_embeddings.safetensors", "exemplar_rewards.parquet", "metrics.json",
