@@ -5,12 +5,15 @@ and micro-batches, and how the hardware options apply to the policy. Errors here
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
+import pandas as pd
 import torch
 
-from .config import Params
+from .config import Params, TrainConfig
 from .hardware import Hardware
+from .prompts import load_prompts
 
 
 class TrainingSetupError(ValueError):
@@ -50,6 +53,28 @@ def batch_layout(params: Params, hardware: Hardware, world: int) -> BatchLayout:
     # No activations are kept without gradients: rollouts can run larger (more efficient) batches.
     return BatchLayout(micro_batch=mb, accumulation=per_proc // mb,
                        rollout_batch=hardware.rollout_micro_batch_size or mb, local_samples=s.global_batch_size // w)
+
+
+def training_prompts(params: Params) -> list[str]:
+    """The prompts training samples: a prompt source, or the captions of the inverted exemplars."""
+    index = params.train.exemplars.index
+    if params.prompts.source == "exemplars":
+        if not Path(index).is_file():
+            raise TrainingSetupError(f"train.exemplars.index: {index} not found (prompts.source is 'exemplars'; "
+                                     f"run `portraitgen invert` first)")
+        return sorted(set(pd.read_parquet(index, columns=["caption"])["caption"]))
+    return load_prompts(params.prompts.source)
+
+
+def optimizer_and_schedule(t: TrainConfig, trainable: Sequence[torch.nn.Parameter], device: torch.device):
+    """AdamW over the trained parameters and its learning-rate schedule (linear warmup, then constant)."""
+    # One fused kernel for all (LoRA: hundreds of small) tensors on a GPU; the loop over tensors on a CPU.
+    fused = device.type == "cuda" and all(p.is_cuda and p.dtype == torch.float32 for p in trainable)
+    optimizer = torch.optim.AdamW(list(trainable), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.weight_decay, eps=t.adam_eps, **({"fused": True} if fused else {}))
+    warmup = max(t.warmup_iterations, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    return optimizer, scheduler
 
 
 def apply_hardware_options(policy, hardware: Hardware) -> None:

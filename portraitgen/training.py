@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -65,14 +64,14 @@ from .hardware import Hardware
 from .logged_model import log_trained_model, training_datasets
 from .policies import FlowPolicy, cond_select, load_policy, model_fingerprint, resolve_model_path
 from .profiling import PhaseTimeline
-from .prompts import load_prompts
 from .rewards import RewardSet
 from .sampling import (Trajectory, randn_per_sample, rollout, seeded_generator, step_mean, step_std,
                        stochastic_step, to_device_async)
 from .sft_loss import supervised_term
 from .tracking import Tracker
 from .train_metrics import DeviceStats, advantage_stats, phase_times, sample_rows, summarize, velocity_grad_logger
-from .train_setup import TrainingSetupError, apply_hardware_options, batch_layout, hardware_params
+from .train_setup import (TrainingSetupError, apply_hardware_options, batch_layout, hardware_params,
+                          optimizer_and_schedule, training_prompts)
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +141,7 @@ class GRPOTrainer:
         self.micro_batch, self.accumulation = self.layout.micro_batch, self.layout.accumulation
         self.rollout_batch, self.local_samples = self.layout.rollout_batch, self.layout.local_samples
         # Cheap checks first, so a bad prompt file or reward name fails before the model loads.
-        ex = params.train.exemplars
-        if params.prompts.source == "exemplars":
-            if not Path(ex.index).is_file():
-                raise TrainingSetupError(f"train.exemplars.index: {ex.index} not found (prompts.source is "
-                                         f"'exemplars'; run `portraitgen invert` first)")
-            self.prompts = sorted(set(pd.read_parquet(ex.index, columns=["caption"])["caption"]))
-        else:
-            self.prompts = load_prompts(params.prompts.source)
+        self.prompts = training_prompts(params)
         self.rewards = RewardSet.from_config(params.reward)
         model_path = resolve_model_path(params.model.family, params.model.path)
         if not model_path.is_dir():
@@ -171,15 +163,8 @@ class GRPOTrainer:
             self.policy.enable_full_finetune(keep_reference=t.kl_beta > 0)
         apply_hardware_options(self.policy, hardware)
         self.named_trainable = {n: p for n, p in self.policy.transformer.named_parameters() if p.requires_grad}
-        # One fused kernel for all (LoRA: hundreds of small) tensors on a GPU; the loop over tensors on a CPU.
-        fused = self.accelerator.device.type == "cuda" and all(
-            p.is_cuda and p.dtype == torch.float32 for p in self.named_trainable.values())
-        self.optimizer = torch.optim.AdamW(list(self.named_trainable.values()), lr=t.lr,
-                                           betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-                                           eps=t.adam_eps, **({"fused": True} if fused else {}))
-        warmup = max(t.warmup_iterations, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        self.optimizer, self.scheduler = optimizer_and_schedule(t, list(self.named_trainable.values()),
+                                                                self.accelerator.device)
         # DDP wrapping when there are several processes; the policy's forward calls go through it.
         self.model = self.accelerator.prepare_model(self.policy.transformer)
         self.policy.denoiser = self.model
@@ -200,6 +185,7 @@ class GRPOTrainer:
         self.sft = supervised_term(params, self.policy, self.prompts)  # the ablation's supervised baseline
         self.bank: ExemplarBank | None = None
         self.exemplars: ExemplarMixer | None = None
+        ex = t.exemplars
         if ex.per_group > 0:
             self.bank = ExemplarBank(ex.index, sigmas=self.sigmas,
                                      model_fingerprint=model_fingerprint(params.model.family, params.model.path))
