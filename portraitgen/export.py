@@ -46,13 +46,12 @@ def load_trained(model: str, family: str | None = None, device="cpu") -> FlowPol
 
     - a training output folder (``results/train``: its ``final/`` is used),
     - an exported ``final/`` folder (LoRA on its base model, or a full pipeline),
-    - a plain diffusers pipeline folder or ``builtin:tiny`` (needs ``family``),
-    - a model logged to MLflow by a train run, ``runs:/<run_id>/model`` (portraitgen/logged_model.py).
-    """
-    from .logged_model import download_model, is_model_uri
+    - a plain diffusers pipeline folder or ``builtin:tiny`` (needs ``family``).
 
-    if is_model_uri(model):
-        model = str(download_model(model))
+    A model logged to MLflow (``runs:/<run_id>/model``) is downloaded first by its caller
+    (:func:`portraitgen.logged_model.load_logged_model`, ``portraitgen generate``): this module, which the
+    logged model is made with, knows nothing of MLflow.
+    """
     if model.startswith("builtin:"):
         if family is None:
             raise ModelSpecError(f"--model {model} needs --family ({family_list()})")

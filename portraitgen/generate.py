@@ -44,6 +44,10 @@ def generate_images(policy: FlowPolicy, prompts: Sequence[str], *, resolution: i
 
 def run_generate(model: str, prompts: Sequence[str], out_dir: Path, *, family: str | None, resolution: int,
                  num_steps: int, guidance_scale: float, seed: int, num_images: int) -> list[Path]:
+    from .logged_model import download_model, is_model_uri
+
+    if is_model_uri(model):  # runs:/<run_id>/model: the model a train run logged to MLflow
+        model = str(download_model(model))
     policy = load_trained(model, family=family, device="cuda" if torch.cuda.is_available() else "cpu")
     policy.freeze_all()
     images = generate_images(policy, prompts, resolution=resolution, num_steps=num_steps,
