@@ -100,11 +100,11 @@ def ensure_chromium() -> tuple[str | None, str]:
 
 
 def chromium_or_skip() -> str:
-    import pytest
+    from helpers import skip_unless_ci
 
     path, why = ensure_chromium()
     if path is None:
-        pytest.skip(f"headless browser test: {why}")
+        skip_unless_ci(f"headless browser test: {why}")
     return path
 
 

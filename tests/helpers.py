@@ -61,3 +61,20 @@ def make_manifest(folder: Path, n: int = 5, size: int = 64, seed: int = 0, capti
     path = folder / "manifest.parquet"
     pd.DataFrame(rows).to_parquet(path, index=False)
     return path
+
+
+def in_ci() -> bool:
+    """Under CI (CI=true, as .ci/run and every hosted CI set it)."""
+    import os
+
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_unless_ci(reason: str):
+    """``pytest.skip(reason)``, except in CI, where the harness (SLURM, Chromium) is installed by
+    .ci/system-packages and must work: there a harness that cannot start fails the run."""
+    import pytest
+
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: .ci/system-packages installs this, so it must work here)")
+    pytest.skip(reason)

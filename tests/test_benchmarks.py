@@ -25,7 +25,14 @@ def _run(script: str, *args: str) -> list[dict]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert rows, proc.stdout[-2000:]
-    assert "| name" in proc.stdout or "|" in proc.stdout  # and a readable table
+    # ... and a readable table: every printed figure is a row of it (by its name, or its mode).
+    table = [[c.strip() for c in ln.strip().strip("|").split("|")]
+             for ln in proc.stdout.splitlines() if " | " in ln and not ln.startswith("{")]
+    assert table, proc.stdout[-2000:]
+    shown = {cells[0] for cells in table}
+    for r in rows:
+        key = str(r["name"] if "name" in r else r["mode"])
+        assert key in shown, f"figure {key!r} is not in the table:\n{proc.stdout[-2000:]}"
     return rows
 
 

@@ -112,6 +112,29 @@ def test_modes_report_their_diagnostics(tmp_path, mode):
         assert not tensors["trainable"][:, -1].any()
 
 
+def _trajectories(out) -> dict[str, torch.Tensor]:
+    found = {}
+    for shard in sorted((out / "shards").glob("shard-*.safetensors")):
+        tensors, meta = read_shard(shard)
+        found.update(zip(meta["ids"], tensors["latents"]))
+    return found
+
+
+def test_each_deterministic_mode_computes_its_own_trajectories(tmp_path):
+    """fixed_point refines euler's start points (x_i solved so that a forward Euler step from it lands on
+    x_{i+1}): the stage must run the mode it is asked for, not just record its name."""
+    manifest = make_manifest(tmp_path / "curate", n=2)
+    got = {}
+    for mode in ("euler", "fixed_point"):
+        run_invert(_params(manifest, **{"invert.mode": mode}), tmp_path / mode)
+        got[mode] = _trajectories(tmp_path / mode)
+    assert set(got["euler"]) == set(got["fixed_point"]) and len(got["euler"]) == 2
+    for i in got["euler"]:
+        euler, fixed = got["euler"][i], got["fixed_point"][i]
+        assert torch.equal(euler[-1], fixed[-1])  # both start from the image's latent ...
+        assert (euler[0] - fixed[0]).abs().max() > 1e-4  # ... and reach different noise
+
+
 def test_bad_manifest_is_reported(tmp_path):
     bad = tmp_path / "m.parquet"
     pd.DataFrame({"id": ["a"], "caption": ["x"]}).to_parquet(bad)

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import fast_params, write_params
+from helpers import fast_params, in_ci, skip_unless_ci, write_params
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,11 +42,13 @@ SNAKEMAKE = str(BIN / "snakemake") if (BIN / "snakemake").exists() else shutil.w
 PROFILE = "workflow/profiles/slurm"
 RUN_LIMIT_S = 600  # one snakemake run, killed (timeout -k) beyond this
 
+NO_PLUGIN = SNAKEMAKE is None or importlib.util.find_spec("snakemake_executor_plugin_slurm") is None
+NO_PLUGIN_REASON = "needs snakemake and snakemake-executor-plugin-slurm (extra 'workflow')"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(RUN_LIMIT_S + 120),
-    pytest.mark.skipif(SNAKEMAKE is None or importlib.util.find_spec("snakemake_executor_plugin_slurm") is None,
-                       reason="needs snakemake and snakemake-executor-plugin-slurm (extra 'workflow')"),
+    # In CI a missing plugin is a failure (the cluster fixture says so), never a quiet skip.
+    pytest.mark.skipif(NO_PLUGIN and not in_ci(), reason=NO_PLUGIN_REASON),
 ]
 
 
@@ -69,12 +71,14 @@ def profile_memory_mb() -> int:
 
 @pytest.fixture(scope="module")
 def cluster():
+    if NO_PLUGIN:
+        skip_unless_ci(NO_PLUGIN_REASON)
     try:
         # The node declares the most memory a profile job asks (SlurmdParameters=config_overrides lets it
         # declare more than it has; the fast params use little of it).
         c = SlurmCluster.start(partitions=profile_partitions(), cpus=4, gpus=2, memory_mb=profile_memory_mb())
     except SlurmUnavailable as exc:
-        pytest.skip(f"no single-node SLURM here: {exc}")
+        skip_unless_ci(f"no single-node SLURM here: {exc}")
     yield c
     c.stop()
 
