@@ -5,7 +5,7 @@ and AI-Portrait (:mod:`.ai_portrait`: ``ai_portrait_classic``, ``ai_portrait_vlm
 ``ai_portrait_detector``). Heavy dependencies (transformers models, BRISQUE, calibration sets) load
 only when a reward that needs them is built.
 """
-from . import ai_portrait, omni, simple  # noqa: F401  (register the rewards)
+from . import ai_portrait, omni, remote, simple  # noqa: F401  (register the rewards and the reward server)
 from .registry import (PartsReward, Reward, RewardError, RewardSet, Normalization, available_rewards, build_reward,
                        register_reward)
 

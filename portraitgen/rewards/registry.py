@@ -58,6 +58,17 @@ def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[...
     return deco
 
 
+# Where components scored outside this process come from (portraitgen/rewards/remote.py registers the
+# reward server's): each maps (component names, options) to the rewards it serves. Registered, not imported
+# here, so the registry stays below the modules that use it.
+_REMOTE: list[Callable[[Sequence[str], Mapping[str, Any]], Mapping[str, "Reward"]]] = []
+
+
+def register_remote(resolver: Callable[[Sequence[str], Mapping[str, Any]], Mapping[str, "Reward"]]):
+    _REMOTE.append(resolver)
+    return resolver
+
+
 def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -143,9 +154,9 @@ class RewardSet:
         self.weights = dict(weights)
         self.on_invalid = on_invalid
         self.normalize = {name: _as_normalization(name, spec) for name, spec in normalize.items()}
-        from .remote import remote_rewards  # a component whose options name a `server` is scored by it
-
-        remote = remote_rewards(list(self.weights), options)
+        remote: dict[str, Reward] = {}  # a component whose options name a `server` is scored by it
+        for resolve in _REMOTE:
+            remote.update(resolve(list(self.weights), options))
         self.rewards = {name: remote[name] if name in remote else build_reward(name, **dict(options.get(name) or {}))
                         for name in self.weights}
         self.invalid_counts: dict[str, int] = {name: 0 for name in self.weights}  # cumulative, per component

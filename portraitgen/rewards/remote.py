@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .registry import PartsReward, RewardError
+from .registry import PartsReward, RewardError, register_remote
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +368,7 @@ class RemoteReward(PartsReward):
         return dict(parts)
 
 
+@register_remote
 def remote_rewards(names: Sequence[str], options: Mapping[str, Mapping[str, Any] | None]) -> dict[str, RemoteReward]:
     """The components among ``names`` whose options name a server, as :class:`RemoteReward` (one group per
     server). Components without a ``server`` option are not in the result (they are built in process)."""
