@@ -6,6 +6,7 @@ training seeds to repeat each one with:
     baseline: plain                  # the variant the others are compared with (PortraitBench verdicts)
     seeds: [42, 43]                  # every variant runs once per seed (sets `seed`)
     common: {train.iterations: 40}   # overrides every variant shares (applied before the variant's own)
+    controls: [sft]                  # the report also compares every variant with these (besides the baseline)
     variants:
       plain: {train.exemplars.per_group: 0}
       exemplar: {}                   # params.yaml as it is
@@ -60,6 +61,7 @@ class Ablation:
     variants: dict[str, dict[str, Any]]
     source: Path
     common: dict[str, Any] = field(default_factory=dict)  # overrides shared by every variant
+    controls: tuple[str, ...] = ()  # variants the report compares every other variant with, besides the baseline
 
     def overrides(self, variant: str) -> dict[str, Any]:
         """The dotted-key overrides of ``variant``: the common ones, then its own (which win)."""
@@ -90,9 +92,10 @@ def load_ablation(path: str | Path) -> Ablation:
     data = read_yaml(path, "ablation file", AblationError)
     if not isinstance(data, dict):
         raise AblationError(f"{path}: expected a mapping with keys baseline, seeds, variants")
-    unknown = set(data) - {"baseline", "seeds", "variants", "common"}
+    unknown = set(data) - {"baseline", "seeds", "variants", "common", "controls"}
     if unknown:
-        raise AblationError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected baseline, seeds, variants, common")
+        raise AblationError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected baseline, seeds, variants, "
+                            f"common, controls")
     common = data.get("common") or {}
     if not isinstance(common, dict):
         raise AblationError(f"{path}: 'common' must be a mapping of dotted params keys to values")
@@ -113,7 +116,11 @@ def load_ablation(path: str | Path) -> Ablation:
     baseline = data.get("baseline", next(iter(variants)))
     if baseline not in variants:
         raise AblationError(f"{path}: baseline {baseline!r} is not a variant; variants: {', '.join(variants)}")
-    return Ablation(baseline=baseline, seeds=tuple(seeds), variants=dict(variants), source=path, common=dict(common))
+    controls = data.get("controls") or []
+    if not isinstance(controls, list) or any(c not in variants for c in controls):
+        raise AblationError(f"{path}: 'controls' must be a list of variant names; variants: {', '.join(variants)}")
+    return Ablation(baseline=baseline, seeds=tuple(seeds), variants=dict(variants), source=path, common=dict(common),
+                    controls=tuple(controls))
 
 
 def _set(tree: dict, dotted: str, value: Any, where: str) -> None:

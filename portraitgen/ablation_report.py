@@ -5,8 +5,8 @@ that benched every run (``<root>/bench``: each run is a bench model labelled wit
 model's image of ``(prompt, bench seed)`` starts from the same noise). Output (``<root>/report``):
 
 - ``table.csv``: per variant and metric, the mean over its runs' images and its interval;
-- ``comparisons.csv``: every variant against the baseline variant and against each other variant named in
-  ``--against`` (the supervised control), difference and interval;
+- ``comparisons.csv``: every variant against the baseline variant and against the ablation file's
+  ``controls`` (and ``--against``: the supervised control), difference and interval;
 - ``curves.csv`` / ``curves.png``: training curves per variant (mean over seeds, band = min..max over seeds):
   the generated samples' reward at every iteration (``metrics.jsonl``) and, every checkpoint, the planted
   artifact rate and the chroma of images generated from that checkpoint (fixed prompts and noise);
@@ -60,6 +60,17 @@ class ArtifactScorer:
 
     def flags(self, images: np.ndarray) -> np.ndarray:
         return np.asarray(self.probabilities(images), dtype=np.float64) > self.threshold
+
+
+def default_detector(model_path: str) -> str:
+    """The detector ``portraitgen pretrain`` writes beside its model (``<out>/artifact_detector`` next to
+    ``<out>/model``), when ``model.path`` is such a model; else ``""``."""
+    if model_path.startswith("builtin:"):
+        return ""
+    from .pretrain.stage import DETECTOR_DIR
+
+    candidate = Path(model_path).expanduser().parent / DETECTOR_DIR
+    return str(candidate) if candidate.is_dir() else ""
 
 
 def load_artifact_scorer(folder: str | Path) -> ArtifactScorer:
@@ -420,6 +431,7 @@ def write_report(params, ablation_path: str | Path, root: str | Path, *, against
     bench_dir = root / "bench"
     runs = runs_of(ablation, root)
     variants = list(ablation.variants)
+    against = list(dict.fromkeys([*ablation.controls, *against]))
     for a in against:
         if a not in variants:
             raise AblationReportError(f"--against {a!r} is not a variant of {ablation.source} ({', '.join(variants)})")
@@ -466,7 +478,7 @@ def write_report(params, ablation_path: str | Path, root: str | Path, *, against
              "group_size": p0.sample.group_size, "bench_prompts": int(table["prompt_id"].nunique()),
              "bench_seeds": int(table["seed"].nunique()), "bench_images": len(table),
              "resolution": p0.model.resolution, "model": p0.model.path}
-    summary = {"ablation": str(ablation.source), "baseline": ablation.baseline, "against": list(against),
+    summary = {"ablation": str(ablation.source), "baseline": ablation.baseline, "against": against,
                "scale": scale, "reference": ref_what, "real_chroma": real_chroma, "real_planted_artifact": real_artifact,
                "table": per_variant.to_dict(orient="records"), "comparisons": comparisons.to_dict(orient="records")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -502,7 +514,11 @@ def report_cli(args) -> int:
     from .config import load_params
 
     params = load_params(args.params)
-    scorer = load_artifact_scorer(args.detector) if args.detector else None
+    detector = args.detector or default_detector(params.model.path)
+    scorer = load_artifact_scorer(detector) if detector else None
+    if scorer is None:
+        log.warning("ablation report: no planted-artifact detector (model.path %s has none beside it, no --detector): "
+                    "no artifact rate", params.model.path)
     summary = write_report(params, args.variants, args.root, against=args.against, scorer=scorer)
     out = Path(args.root) / "report"
     print(f"ablation report: {len(summary['table'])} values, {len(summary['comparisons'])} comparisons -> {out}")

@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--against", action="append", default=[],
                     help="report: also compare every variant with this one (e.g. the supervised control); repeatable")
     ab.add_argument("--detector", default="",
-                    help="report: the planted-artifact detector (portraitgen pretrain's output); '' = no artifact rate")
+                    help="report: the planted-artifact detector folder; '' = the one portraitgen pretrain wrote beside "
+                         "model.path, if any")
     ab.set_defaults(func=cmd_ablation)
 
     # Handled in main() before the stages' imports; listed here for `portraitgen --help`.

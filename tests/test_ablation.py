@@ -60,6 +60,7 @@ def test_common_overrides_apply_to_every_variant_and_the_variant_wins(tmp_path):
     ("variants: {}\n", "'variants' must be a non-empty mapping"),
     ("seeds: [1]\nvariants: {a: {}}\nextra: 1\n", "unknown key 'extra'"),
     ("common: [1]\nvariants: {a: {}}\n", "'common' must be a mapping"),
+    ("controls: [b]\nvariants: {a: {}}\n", "'controls' must be a list of variant names"),
     ("baseline: b\nvariants: {a: {}}\n", "baseline 'b' is not a variant"),
     ("seeds: [one]\nvariants: {a: {}}\n", "'seeds' must be a non-empty list of integers"),
     ("variants: {'a b': {}}\n", "variant name 'a b'"),
@@ -290,6 +291,7 @@ def test_report_of_a_tiny_ablation_end_to_end(tmp_path):
     suite = tmp_path / "suite.jsonl"
     suite.write_text("".join(p.to_json() + "\n" for p in load_suite("builtin:v1", "cpu")[:3]))
     ablation_file = _write(tmp_path, "baseline: plain\nseeds: [1, 2]\ncommon: {train.checkpoint_every: 1}\n"
+                                     "controls: [sft]\n"
                                      "variants:\n  plain: {}\n  sft: {train.sft.share: 0.2, train.sft.batch_size: 2}\n")
     ablation = load_ablation(ablation_file)
     base = fast_params(**{"prompts.source": "exemplars", "train.exemplars.index": str(index),
@@ -310,7 +312,7 @@ def test_report_of_a_tiny_ablation_end_to_end(tmp_path):
               baseline="plain-s1", report=False)
 
     grey = ar.ArtifactScorer(lambda images: np.array([ar.chroma(im) / 50 for im in images]), threshold=0.5)
-    summary = ar.write_report(params, ablation_file, root, against=["sft"], scorer=grey, curve_prompts=2)
+    summary = ar.write_report(params, ablation_file, root, scorer=grey, curve_prompts=2)
     out = root / "report"
     table = pd.read_csv(out / "table.csv")
     assert set(table["variant"]) == {"plain", "sft"}

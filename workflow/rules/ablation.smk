@@ -30,7 +30,31 @@ rule ablation_params:
         " --run {wildcards.run} --out {output.params} > {log} 2>&1"
 
 
+# Variants pooled over their seeds: intervals, training curves, sample grid (portraitgen/ablation_report.py).
+rule ablation_report:
+    input:
+        src=WF.package_files(),
+        params="params.yaml",
+        variants=WF.ablation_file,
+        bench="results/ablation/bench/report.html",
+    output:
+        report="results/ablation/report/report.md",
+        table="results/ablation/report/table.csv",
+        comparisons="results/ablation/report/comparisons.csv",
+        curves="results/ablation/report/curves.png",
+    log:
+        "results/ablation/logs/report.log",
+    benchmark:
+        "results/ablation/benchmarks/report.tsv"
+    conda:
+        "../envs/portraitgen.yaml"
+    shell:
+        "portraitgen ablation report --variants {input.variants} --params {input.params} --root results/ablation"
+        " > {log} 2>&1"
+
+
 # The ablation's target: `snakemake --cores N ablation`.
 rule ablation:
     input:
         "results/ablation/bench/report.html",
+        "results/ablation/report/report.md",
