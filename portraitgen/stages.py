@@ -36,6 +36,7 @@ from typing import Any
 from .ablation import RUN_NAME as ABLATION_RUN_NAME
 from .config import Params, params_from_dict, params_to_dict, uses_detector
 from .fingerprint import training_params_keys
+from .package_stamp import package_stamp
 from .stage import part_file, part_pattern
 
 MAIN_ROOT = "results"
@@ -516,7 +517,8 @@ class Workflow:
     # ---- per rule
     @staticmethod
     def package_files() -> list[str]:
-        return package_files()
+        """The package as a job input: one content stamp, not its ~60 files (portraitgen/package_stamp.py)."""
+        return [package_stamp()]
 
     @staticmethod
     def run_constraint() -> str:
@@ -540,7 +542,7 @@ class Workflow:
         files = []
         for path in stage_inputs(s, self.params(root)):
             files += [path] if producer(path) else _expand_folder(path)
-        found = {"src": package_files(), "deps": files}
+        found = {"src": [package_stamp()], "deps": files}  # the package as one input (package_stamp.py)
         if RUN_ROOT.match(root):
             found["params_file"] = [self.params_file(root)]
         if merge and self.num_parts(name) > 1:
@@ -596,4 +598,6 @@ class Workflow:
         command += hardware
         if not part and n > 1:
             command += f" --merge-only --num-parts {n}"
-        return command + " > {log} 2>&1"
+        # Complete output to the log, progress lines on the console (portraitgen/progress.py).
+        label = f"{name} part {{wildcards.part}}" if part else name
+        return command + f" 2>&1 | portraitgen progress --log {{log}} --stage '{label}'"

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.skipif(not (SNAKEMAKE and DVC), reason="needs snakemake
 # Hardware flags the Snakemake rules add to a stage's command (from resources and threads: curate's
 # workers, the batch sizes, every Hardware option of train), and its log redirect.
 TRAIN_HARDWARE = "".join(rf"( {f.metadata['flag']} \S+)?" for f in HARDWARE_FIELDS)
-HARDWARE_FLAGS = re.compile(rf"( --workers \S+)?{TRAIN_HARDWARE}( --batch-size \S+)?( > \S+ 2>&1)?$")
+HARDWARE_FLAGS = re.compile(rf"( --workers \S+)?{TRAIN_HARDWARE}( --batch-size \S+)?"
+                            r"( 2>&1 \| portraitgen progress --log \S+ --stage '[^']+')?$")
 TRAIN_DEFAULT_FLAGS = ["--micro-batch-size", "0", "--mixed-precision", "no", "--rollout-batch-size", "0",
                        "--fp32-frozen-weights", "0", "--compile", "0", "--gradient-checkpointing", "0"]
 
@@ -168,11 +169,12 @@ def test_dry_run_lists_train_with_the_dvc_command(project):
     assert {"curate", "invert", "precompute", "bench_embeddings", "train", "bench"} <= set(commands)
     assert set(commands) <= set(dvc_stages(project))
     assert commands["curate"] == (
-        "portraitgen curate --params params.yaml --out results/curate --workers 1 > results/logs/curate.log 2>&1"
+        "portraitgen curate --params params.yaml --out results/curate --workers 1"
+        " 2>&1 | portraitgen progress --log results/logs/curate.log --stage 'curate'"
     )
     assert commands["train"] == (
         "portraitgen launch-train --params params.yaml --out results/train "
-        + " ".join(TRAIN_DEFAULT_FLAGS) + " > results/logs/train.log 2>&1"
+        + " ".join(TRAIN_DEFAULT_FLAGS) + " 2>&1 | portraitgen progress --log results/logs/train.log --stage 'train'"
     )
     stages = dvc_stages(project)
     for name, stage in stages.items():
@@ -180,6 +182,9 @@ def test_dry_run_lists_train_with_the_dvc_command(project):
             continue
         # The Snakemake command is the DVC command plus hardware flags and the log redirect.
         assert HARDWARE_FLAGS.sub("", commands[name]) == stage["cmd"], name
+
+
+PACKAGE_STAMP = ".snakemake/portraitgen-package.sha256"  # the package as one job input (package_stamp.py)
 
 
 def _dry_run_inputs(project: Path, *args: str) -> dict[str, set[str]]:
@@ -191,7 +196,7 @@ def _dry_run_inputs(project: Path, *args: str) -> dict[str, set[str]]:
             rule = m.group(1)
         elif line.strip().startswith("input:") and rule is not None:
             files = line.strip().removeprefix("input:").split(", ")
-            found[rule] = {f.strip() for f in files if f.strip() and not f.strip().startswith("portraitgen/")}
+            found[rule] = {f.strip() for f in files if f.strip() and f.strip() != PACKAGE_STAMP}
     return found
 
 
@@ -320,10 +325,11 @@ def test_curate_scatters_into_parts_and_gathers(project):
     parts = sorted(c for c in shells if " --part " in c)
     assert parts == [
         f"portraitgen curate --params params.yaml --out results/curate --part {i:04d} --num-parts 3"
-        f" --workers 1 > results/logs/curate_part-{i:04d}.log 2>&1" for i in range(3)
+        f" --workers 1 2>&1 | portraitgen progress --log results/logs/curate_part-{i:04d}.log"
+        f" --stage 'curate part {i:04d}'" for i in range(3)
     ]
     assert ("portraitgen curate --params params.yaml --out results/curate --workers 1 --merge-only --num-parts 3"
-            " > results/logs/curate.log 2>&1") in shells
+            " 2>&1 | portraitgen progress --log results/logs/curate.log --stage 'curate'") in shells
 
 
 def test_hardware_flags_come_from_resources_not_params(project):
@@ -412,6 +418,9 @@ import json, os, sys
 from pathlib import Path
 args = sys.argv[1:]
 if args[0] == "mlflow-parent":  # the Snakefile's onstart/onsuccess hooks: no parent run (tracking off)
+    sys.exit(0)
+if args[0] == "progress":  # the rules' console filter: the job's output goes to its log
+    Path(args[args.index("--log") + 1]).write_bytes(sys.stdin.buffer.read())
     sys.exit(0)
 out = Path(args[args.index("--out") + 1])
 if args[0] == "curate":  # the curate stage's outputs and its (undeclared / persistent) cache
@@ -688,3 +697,14 @@ def test_ablation_runs_every_variant_and_seed_through_the_stages(project):
     for run in runs:
         assert (f"portraitgen launch-train --params results/ablation/{run}/params.yaml"
                 f" --out results/ablation/{run}/train ") in dry
+
+
+def test_jobs_list_the_package_as_one_stamp(project):
+    """A job's inputs name the package once: its content stamp, not every source file."""
+    out = smk(project, "-n", "--printshellcmds").stdout
+    curate = out[out.index("rule curate:"):].split("\n\n")[0]
+    inputs = next(ln for ln in curate.splitlines() if ln.strip().startswith("input:"))
+    assert PACKAGE_STAMP in inputs and "portraitgen/" not in inputs.replace(PACKAGE_STAMP, "")
+    from portraitgen.package_stamp import package_digest
+
+    assert (project / PACKAGE_STAMP).read_text().strip() == package_digest(project / "portraitgen")
