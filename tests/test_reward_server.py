@@ -210,7 +210,7 @@ def test_unreachable_server_fails_with_its_url_after_the_wait_budget():
 
 
 def _training(tmp_path: Path, url: str | None) -> dict:
-    d = fast_params(**{"train.iterations": 3})
+    d = fast_params(**{"train.iterations": 3, "model.path": "builtin:tiny", "model.family": "sd3"})
     d["reward"] = {"components": {"brightness": 1.0}}
     if url:
         d["reward"]["options"] = {"brightness": {"server": {"url": url, "encoding": "float32", "wait_s": 2.0,
@@ -323,3 +323,34 @@ def test_uint8_transport_quantises_exactly_like_the_rewards():
             assert torch.equal(y, x)
         else:  # what the server's rewards quantise again is the client's quantisation
             assert np.array_equal(to_uint8_hwc(y), to_uint8_hwc(x))
+
+
+def test_batcher_splits_scores_and_error_reasons_back_to_each_request():
+    """In process, no HTTP: two requests scored as one batch get their own slices, NaN as null, and each
+    unscored image's reason re-indexed to its request."""
+    from portraitgen.rewards import PartsReward
+    from portraitgen.serving.service import RewardService, ServedReward
+
+    class DarkIsUnscorable(PartsReward):
+        def parts(self, images, prompts, meta):
+            mean = images.mean(dim=(1, 2, 3)).double().numpy()
+            self.last_errors = {i: "too dark" for i in np.flatnonzero(mean < 0.1)}
+            return {"score": np.where(mean < 0.1, np.nan, mean), "doubled": 2 * mean}
+
+    service = RewardService([ServedReward("dark", {}, "h", DarkIsUnscorable())], max_batch=8, max_wait_s=5.0)
+    a = torch.stack([torch.full((3, 4, 4), v) for v in (0.5, 0.0)])
+    b = torch.stack([torch.full((3, 4, 4), v) for v in (0.05, 0.25, 0.75)])
+    rewards = service.resolve([{"name": "dark", "config_hash": "h"}])
+    futures = [service.submit(rewards, x, ["p"] * len(x), [{}] * len(x)) for x in (a, b)]
+    service.start()
+    try:
+        ra, rb = (f.result(timeout=30) for f in futures)
+    finally:
+        service.stop()
+    assert ra["batch"] == {**ra["batch"], "images": 5, "requests": 2}
+    assert ra["results"]["dark"]["parts"]["score"] == [0.5, None] and ra["results"]["dark"]["errors"] == {"1": "too dark"}
+    assert rb["results"]["dark"]["parts"]["score"] == [None, 0.25, 0.75] and rb["results"]["dark"]["errors"] == {"0": "too dark"}
+    assert rb["results"]["dark"]["parts"]["doubled"] == pytest.approx([0.1, 0.5, 1.5])
+    assert service.info()["histogram"] == {"batch_images": {"5": 1}, "batch_requests": {"2": 1}}
+    with pytest.raises(LookupError, match="differs from this server's"):
+        service.resolve([{"name": "dark", "config_hash": "other"}])
