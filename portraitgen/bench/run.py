@@ -93,6 +93,7 @@ from tqdm.auto import tqdm
 from ..config import BENCH_LABEL_CHARS, BENCH_RESERVED_LABELS, Params, flatten
 from ..embeddings import EmbeddingCache, EmbeddingCacheError, encode_one
 from ..io import atomic_write, atomic_write_text
+from ..rewards.remote import without_server_keys
 from ..stage import Parts, open_output, part_command, part_file, tracked
 from .compare import ID_COLUMNS, compare_pairs, feature_distance, per_category
 from .metrics import (FEATURE_NAMES, RAW_KEYS, ArtifactThresholds, FeatureScaler, analyse_image, diversity,
@@ -171,7 +172,8 @@ def fingerprint(params: Params, models: Sequence[BenchModel], suite: Sequence[Su
     spec = {"format": FORMAT, "suite": [[p.id, p.prompt, p.categories_str] for p in suite], "seeds": list(b.seeds),
             "models": {m.label: m.spec for m in models}, "family": params.model.family, "base": params.model.path,
             "resolution": params.model.resolution, "num_steps": b.num_steps, "guidance_scale": b.guidance_scale,
-            "reward": dataclasses.asdict(b.reward), "face_min_neighbors": params.curate.face_min_neighbors}
+            "reward": without_server_keys(dataclasses.asdict(b.reward)),  # not where a reward is scored
+            "face_min_neighbors": params.curate.face_min_neighbors}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
