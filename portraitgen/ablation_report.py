@@ -278,7 +278,7 @@ def reward_curves(runs: Sequence[Run]) -> pd.DataFrame:
 
 
 def checkpoint_curves(runs: Sequence[Run], params_of: Callable[[Run], Any], scorer: ArtifactScorer | None,
-                      prompts: Sequence[str], *, images_per_prompt: int = 2, num_steps: int = 10,
+                      prompts: Sequence[str], *, images_per_prompt: int = 2, num_steps: int = 0,
                       seed: int = 0) -> pd.DataFrame:
     """Every kept checkpoint of every run (and iteration -1: the base model): images generated from fixed
     prompts and noise, scored for the planted artifact and chroma. The base model is generated once."""
@@ -290,8 +290,9 @@ def checkpoint_curves(runs: Sequence[Run], params_of: Callable[[Run], Any], scor
     from .policies import load_policy
 
     def measure(policy, p) -> dict[str, float]:
-        imgs = generate_images(policy, prompts, resolution=p.model.resolution, num_steps=num_steps,
-                               guidance_scale=p.sample.guidance_scale, seed=seed, num_images=images_per_prompt,
+        # Sampled like the bench (its steps and guidance), so the curve's last point and the table agree.
+        imgs = generate_images(policy, prompts, resolution=p.model.resolution, num_steps=num_steps or p.bench.num_steps,
+                               guidance_scale=p.bench.guidance_scale, seed=seed, num_images=images_per_prompt,
                                batch_size=16)
         rgb = (imgs.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         out = {"chroma": float(np.mean([chroma(im) for im in rgb]))}

@@ -331,3 +331,13 @@ def test_report_of_a_tiny_ablation_end_to_end(tmp_path):
     for name in ("curves.png", "grid.png", "report.md", "summary.json"):
         assert (out / name).stat().st_size > 100, name
     assert summary["scale"]["runs"] == 4 and summary["scale"]["bench_images"] == 4 * 3 * 2
+
+
+def test_the_report_finds_the_detector_pretrain_wrote_beside_the_model(tmp_path):
+    (tmp_path / "pretrain" / "model").mkdir(parents=True)
+    assert ar.default_detector(str(tmp_path / "pretrain" / "model")) == ""
+    (tmp_path / "pretrain" / "artifact_detector").mkdir()
+    assert ar.default_detector(str(tmp_path / "pretrain" / "model")) == str(tmp_path / "pretrain" / "artifact_detector")
+    assert ar.default_detector("builtin:tiny") == ""
+    with pytest.raises(ar.AblationReportError, match="--detector: .*not an artifact detector folder"):
+        ar.load_artifact_scorer(tmp_path / "pretrain" / "artifact_detector")
