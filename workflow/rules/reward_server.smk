@@ -27,6 +27,11 @@ REWARD_SERVER_IDLE_S = 900
 REWARD_SERVER_ADDRESS = "results/reward_server/address.json"
 
 
+localrules:
+    train_with_reward_server,
+    bench_with_reward_server,
+
+
 rule reward_server:
     output:
         served=temp("results/reward_server/served_{consumer}.json"),
