@@ -112,16 +112,17 @@ def _train_model(params: Params, train_faces, dest: Path, key: str, tracker) -> 
     with torch.no_grad():
         for n, p in ema_params.items():
             p.copy_(ema.shadow[n].to(p.dtype))
+    losses = result.losses
+    k = max(1, min(50, len(losses) // 4))
+    record = {"train_seconds": result.seconds, "steps": len(losses), "transformer_parameters": n_params,
+              "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
+              "planted_view_share": result.planted_views / max(1, result.views), "training_faces": len(train_faces)}
     with atomic_dir(dest) as tmp:
         pipe.save_pretrained(str(tmp))
         (tmp / "captions.json").write_text(json.dumps(table, indent=0) + "\n")
-        (tmp / MODEL_KEY).write_text(json.dumps({"key": key, "format": FORMAT}) + "\n")
-    losses = result.losses
-    k = max(1, min(50, len(losses) // 4))
-    return {"train_seconds": result.seconds, "steps": len(losses), "transformer_parameters": n_params,
-            "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
-            "planted_view_share": result.planted_views / max(1, result.views), "training_faces": len(train_faces),
-            "losses": losses}
+        # The training record travels with the model: metrics.json is rebuilt from it when the model is reused.
+        (tmp / MODEL_KEY).write_text(json.dumps({"key": key, "format": FORMAT, "training": record}, indent=1) + "\n")
+    return {**record, "losses": losses}
 
 
 def _write_loss_csv(path: Path, losses: list[float]) -> None:
@@ -193,8 +194,7 @@ def run_pretrain(params: Params, out_dir: str | Path) -> dict:
                          "artifact_fraction": r.artifact.fraction}
         if model_current:
             log.info("pretrain: %s is current (key %s): reused", out / MODEL_DIR, mkey)
-            metrics.update({k: v for k, v in old.items() if k.startswith("train_") or k.startswith("loss_")
-                            or k in ("steps", "transformer_parameters", "planted_view_share", "training_faces")})
+            metrics.update(json.loads((out / MODEL_DIR / MODEL_KEY).read_text()).get("training", {}))
             metrics["model_reused"] = True
         else:
             trained = _train_model(params, train_faces, out / MODEL_DIR, mkey, tracker)
