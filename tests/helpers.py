@@ -13,6 +13,12 @@ PYTHON_BIN = Path(sys.executable).parent
 def fast_params(**overrides) -> dict:
     """A params dict small enough for CPU tests (seconds per iteration), as a plain mapping."""
     base = yaml.safe_load((REPO / "params.yaml").read_text())
+    # The repository's model is the pretrain stage's output (results/pretrain/model) and its rewards the
+    # portrait pair: tests never depend on results/, so they run the random built-in tiny model with the
+    # cheap brightness reward and the learning rate the tiny model needs.
+    base["model"]["path"] = "builtin:tiny"
+    base["reward"] = {"components": {"brightness": 1.0}}
+    base["train"]["lr"] = 0.03
     base["model"]["resolution"] = 32
     base["sample"].update(num_steps=6, global_batch_size=8, group_size=4, guidance_scale=4.5)
     base["train"].update(iterations=2, global_batch_size=4, checkpoint_every=1, log_images_every=0)
