@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/reward_server.py                      # tiny VLM + classic rewards, 256 px, batch 8
     .venv/bin/python benchmarks/reward_server.py --rewards omni_vlm --vlm /models/Qwen2.5-VL-3B-Instruct
-    .venv/bin/python benchmarks/reward_server.py --quick              # seconds, for CI (timings mean nothing)
+    .venv/bin/python benchmarks/reward_server.py --quick              # tiny VLM + one classic, 64 px (CI smoke run)
 
 A real ``portraitgen reward-server`` process is started on loopback with the same reward options. For
 each reward: ``inproc/<reward>`` scores batches in this process; ``server/<reward>`` scores the same
@@ -95,7 +95,8 @@ def time_calls(fn, repeats: int) -> list[float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rewards", nargs="+", default=["omni_vlm", *CLASSIC])
+    ap.add_argument("--rewards", nargs="+", help="default: omni_vlm and the classic rewards (--quick: "
+                                                 "omni_vlm and ai_portrait_classic)")
     ap.add_argument("--vlm", default="builtin:tiny", help="the VLM folder of omni_vlm (default: the tiny random one)")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8, help="images per client request")
@@ -108,6 +109,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.resolution, args.batch, args.repeats = 64, 4, 2
+    args.rewards = args.rewards or (["omni_vlm", "ai_portrait_classic"] if args.quick else ["omni_vlm", *CLASSIC])
     torch.set_num_threads(args.threads)
 
     from portraitgen.rewards import RewardSet

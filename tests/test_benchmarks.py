@@ -16,6 +16,9 @@ SCRIPTS = {
                                                    "phase_change/exemplar_logp"}),
     "precompute_throughput.py": ("precompute_throughput", {"cold/stage_seconds", "warm/stage_seconds",
                                                            "cold/stage_images_per_second"}),
+    "reward_server.py": ("reward_server", {f"{k}/{r}" for k in ("inproc", "server", "added_ms", "overhead_ms",
+                                                                 "clients2", "mean_batch")
+                                           for r in ("omni_vlm", "ai_portrait_classic")}),
 }
 
 
