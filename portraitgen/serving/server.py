@@ -81,10 +81,10 @@ def default_address(params) -> tuple[str, int]:
     """Host and port of the first ``server`` URL in params (127.0.0.1:8470 when none is given)."""
     from urllib.parse import urlparse
 
-    for opts in [*params.reward.options.values(), *params.bench.reward.options.values()]:
+    for name, opts in [*params.reward.options.items(), *params.bench.reward.options.items()]:
         spec = (opts or {}).get(SERVER_KEY)
         if spec:
-            s = ServerSettings.parse("?", spec)
+            s = ServerSettings.parse(name, spec)
             if s.url:
                 u = urlparse(s.url)
                 return u.hostname or "127.0.0.1", u.port or 80
