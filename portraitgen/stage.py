@@ -97,11 +97,13 @@ def part_command(stage: str, out_dir: str | Path, part: int, num_parts: int, par
 # ---------------------------------------------------------------------------------------------- tracking
 @contextlib.contextmanager
 def tracked(cfg: TrackingConfig, stage: str, *, params: Mapping[str, Any] | None = None,
-            tags: Mapping[str, str] | None = None, active: bool = True) -> Iterator[Any]:
-    """The stage's MLflow run: ended FINISHED when the block completes, FAILED when it raises."""
+            tags: Mapping[str, str] | None = None, active: bool = True, run_id: str | None = None) -> Iterator[Any]:
+    """The stage's MLflow run: ended FINISHED when the block completes, FAILED when it raises.
+    ``active``: False off the main process (nothing is logged); ``run_id``: continue that run (a resumed
+    training)."""
     from .tracking import Tracker
 
-    tracker = Tracker(cfg, stage=stage, active=active, params=params, tags=tags)
+    tracker = Tracker(cfg, stage=stage, active=active, run_id=run_id, params=params, tags=tags)
     status = "FAILED"
     try:
         yield tracker

@@ -68,6 +68,7 @@ from .rewards import RewardSet
 from .sampling import (Trajectory, randn_per_sample, rollout, seeded_generator, step_mean, step_std,
                        stochastic_step, to_device_async)
 from .sft_loss import supervised_term
+from .stage import tracked
 from .tracking import Tracker
 from .train_metrics import DeviceStats, advantage_stats, phase_times, sample_rows, summarize, velocity_grad_logger
 from .train_setup import (TrainingSetupError, apply_hardware_options, batch_layout, hardware_params,
@@ -206,52 +207,53 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
+        """Resume from the newest checkpoint if there is one, run the remaining iterations, export."""
         p = self.params
         run_id = self.maybe_resume()
-        self.tracker = Tracker(p.tracking, stage="train", active=self.is_main, run_id=run_id,
-                               params=flatten(params_to_dict(p)) | hardware_params(self.hardware, self.layout,
-                                                                                    self.world),
-                               tags={"portraitgen.model_family": p.model.family})
-        status = "FAILED"
-        tl = self.timeline
+        run_params = flatten(params_to_dict(p)) | hardware_params(self.hardware, self.layout, self.world)
         try:
-            self._write_history()
-            self._truncate_samples()
-            bar = tqdm(range(self.start_iteration, p.train.iterations), desc="GRPO", disable=not self.is_main,
-                       initial=self.start_iteration, total=p.train.iterations)
-            for it in bar:
-                tl.start("data")
-                plan = self.plan(it)
-                batch = self.sample(it, plan)  # data -> rollout -> exemplar_logp
-                tl.switch("reward")
-                self.score(batch)
-                tl.switch("advantage")
-                stats = self.compute_advantages(batch)
-                tl.switch("train_fwd_bwd")
-                if batch.trained_anywhere:
-                    stats |= self.train(it, batch)  # train_fwd_bwd with optimizer spans inside
-                tl.switch("log")
-                self._prefetch(it + 1)
-                record = self._log(it, batch, stats, tl.elapsed())
-                if self.is_main:
-                    bar.set_postfix(reward=f"{stats['reward/mean']:.4f}", kl=f"{stats.get('train/kl', 0):.2e}")
-                if (it + 1) % p.train.checkpoint_every == 0 or it == p.train.iterations - 1:
-                    tl.switch("checkpoint")
-                    self.save_checkpoint(it)
-                # Logging and checkpointing end after the MLflow call: their times (and the whole wall time)
-                # reach metrics.jsonl only.
-                times = tl.stop()
-                record.update({"time/log": times.get("log", 0.0), "time/checkpoint": times.get("checkpoint", 0.0),
-                               "time/wall": times["iteration"]})
-                self._append_history(record)
-            summary = self.finish()
-            status = "FINISHED"
-            return summary
+            with tracked(p.tracking, "train", active=self.is_main, run_id=run_id, params=run_params,
+                         tags={"portraitgen.model_family": p.model.family}) as self.tracker:
+                self._write_history()
+                self._truncate_samples()
+                bar = tqdm(range(self.start_iteration, p.train.iterations), desc="GRPO", disable=not self.is_main,
+                           initial=self.start_iteration, total=p.train.iterations)
+                for it in bar:
+                    stats = self.iteration(it)
+                    if self.is_main:
+                        bar.set_postfix(reward=f"{stats['reward/mean']:.4f}", kl=f"{stats.get('train/kl', 0):.2e}")
+                return self.finish()
         finally:
-            self.tracker.end(status)
             self._reward_pool.shutdown(wait=True)
             if self.exemplars is not None:
                 self.exemplars.close()
+
+    def iteration(self, it: int) -> dict[str, float]:
+        """One GRPO iteration, phase by phase (each timed); returns its logged statistics."""
+        tl = self.timeline
+        tl.start("data")
+        plan = self.plan(it)
+        batch = self.sample(it, plan)  # data -> rollout -> exemplar_logp
+        tl.switch("reward")
+        self.score(batch)
+        tl.switch("advantage")
+        stats = self.compute_advantages(batch)
+        tl.switch("train_fwd_bwd")
+        if batch.trained_anywhere:
+            stats |= self.train(it, batch)  # train_fwd_bwd with optimizer spans inside
+        tl.switch("log")
+        self._prefetch(it + 1)
+        record = self._log(it, batch, stats, tl.elapsed())
+        if (it + 1) % self.params.train.checkpoint_every == 0 or it == self.params.train.iterations - 1:
+            tl.switch("checkpoint")
+            self.save_checkpoint(it)
+        # Logging and checkpointing end after the MLflow call: their times (and the whole wall time) reach
+        # metrics.jsonl only.
+        times = tl.stop()
+        record.update({"time/log": times.get("log", 0.0), "time/checkpoint": times.get("checkpoint", 0.0),
+                       "time/wall": times["iteration"]})
+        self._append_history(record)
+        return stats
 
     # ------------------------------------------------------------------ plan
     def plan(self, iteration: int) -> IterationPlan:
