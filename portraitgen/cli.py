@@ -190,10 +190,27 @@ def cmd_mlflow_parent(args: argparse.Namespace) -> int:
 
 
 def cmd_tracked(args: argparse.Namespace) -> int:
+    from .params_check import check_command
     from .pipeline_run import run_tracked
 
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    problems = check_command(args.params, command)  # `dvc repro` / `dvc exp run -S ...`: before DVC starts
+    if problems:
+        print(f"portraitgen tracked: {args.params} has {len(problems)} problem(s); nothing was run:\n  "
+              + "\n  ".join(problems), file=sys.stderr)
+        return 2
     return run_tracked(args.params, command, launcher=args.launcher)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .params_check import check_file
+
+    problems = check_file(args.params)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if not problems:
+        print(f"{args.params}: no problems found")
+    return 2 if problems else 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -332,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain", help="pretrain the toy base model on real faces (with the planted artifact) "
                                          "and train the planted-artifact detector (docs/pretrain.md)")
-    pt.add_argument("--params", default="params.yaml")
+    pt.add_argument("--params", default="params.yaml", help="params file; its `pretrain` and `model` sections "
+                                                            "configure the stage")
     pt.add_argument("--out", default="results/pretrain",
                     help="output folder (model/ = a diffusers folder for model.path, artifact_detector/, "
                          "metrics.json, samples.png, loss.csv); reused while its inputs and settings are unchanged")
@@ -396,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"],
                     help="end: the parent run's final status")
     mp.set_defaults(func=cmd_mlflow_parent)
+
+    ck = sub.add_parser("check", help="every check a pipeline makes before its first job: one line per problem "
+                                      "(portraitgen/params_check.py); exit 2 when there is one")
+    ck.add_argument("--params", default="params.yaml", help="the params file to check")
+    ck.set_defaults(func=cmd_check)
 
     tk = sub.add_parser("tracked", help="run a command (e.g. `dvc repro`) under one MLflow parent run",
                         description="portraitgen tracked -- dvc repro: every stage run by the command "

@@ -7,32 +7,22 @@ import subprocess
 import sys
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
-
-from portraitgen.config import ConfigError, params_from_dict
+from portraitgen.params_check import check_params
 from portraitgen.stages import Workflow
 
 # Keys of the Snakemake config that are workflow options (`--config invert_parts=4`), not params.
 WORKFLOW_OPTIONS = ("curate_parts", "invert_parts", "precompute_parts", "bench_parts", "ablation")
 
 # params.yaml is the Snakemake config (configfile: in workflow/Snakefile) and the file every stage
-# reads. Check it before the DAG is built, so a bad value stops the run before any job starts:
-# 1. the JSON schema, generated from portraitgen/config.py (`portraitgen schema`): unknown keys,
-#    types, enums -- each error names the key;
-validate(
-    {k: v for k, v in config.items() if k not in WORKFLOW_OPTIONS},
-    schema="../schemas/params.schema.yaml",
-    set_default=False,
-)
-
-
-# 2. the package's own validation (ranges and rules across keys, e.g. the group size dividing the
-#    batch). Snakemake runs beside the package: the rules take everything else from it too.
+# reads. Check it before the DAG is built, so a bad value stops the run before any job starts and before
+# any output is touched (portraitgen/params_check.py, also `portraitgen check`): the JSON schema
+# generated from portraitgen/config.py (unknown keys, types, enums: every error at once), the package's
+# ranges and rules across keys, then what the params point at (model folder, curate source, files named
+# in params, reward components and their options). One line per problem: key, expected, got.
 def _check_params_with_the_package():
-    try:
-        params_from_dict({k: v for k, v in config.items() if k not in WORKFLOW_OPTIONS})
-    except ConfigError as exc:
-        raise WorkflowError(f"params.yaml: {exc}") from None
+    problems = check_params({k: v for k, v in config.items() if k not in WORKFLOW_OPTIONS})
+    if problems:
+        raise WorkflowError(f"params.yaml has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
 
 _check_params_with_the_package()
