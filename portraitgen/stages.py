@@ -525,6 +525,15 @@ class Workflow:
         """The `run` wildcard of an ablation run's own rules (portraitgen.ablation.run_name)."""
         return ROOT_PATTERNS["run"].removeprefix(ABLATION_ROOT + "/")
 
+    @staticmethod
+    def stage_names() -> list[str]:
+        return [s.name for s in STAGES]
+
+    @staticmethod
+    def part_is_marker(name: str) -> bool:
+        """The part job writes no part file of its own (invert: its shards), only a marker for the merge."""
+        return stage(name).parts == "done"
+
     def threads(self, name: str) -> int:
         return stage(name).threads
 
