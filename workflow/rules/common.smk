@@ -111,3 +111,9 @@ def stage_params(name):
         "extra_args": lambda wildcards: WF.extra_args(name, wildcards),
         **{key: value(key) for key in WF.param_names(name)},
     }
+
+
+def part_output(name):
+    """A part job's output: its part file (invert's part jobs write shards, and only a marker file)."""
+    path = WF.part_pattern(name)
+    return touch(path) if WF.part_is_marker(name) else path
