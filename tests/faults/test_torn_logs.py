@@ -65,3 +65,37 @@ def test_training_resumes_after_a_torn_samples_and_metrics_line(tmp_path, caplog
     metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted({s["iteration"] for s in samples}) == [0, 1] and len(samples) == 2 * 8
     assert [m["iteration"] for m in metrics] == [0, 1]
+
+
+def test_a_full_disk_during_training_is_resumable(tmp_path, monkeypatch):
+    """The disk fills up in the middle of an iteration's samples.jsonl append (a size-limited writer):
+    the run stops with the OS error; the rerun resumes from the last checkpoint and ends with the logs
+    of an uninterrupted run."""
+    params = _params(**{"train.iterations": 2})
+    GRPOTrainer(params, tmp_path / "ref").run()
+
+    out = tmp_path / "out"
+    real_write = os.write
+    appends = []
+
+    def size_limited(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("samples.jsonl"):
+            appends.append(len(data))
+            if len(appends) == 2:  # iteration 1: 10 bytes fit, then the disk is full
+                real_write(fd, bytes(data[:10]))
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", size_limited)
+    with pytest.raises(OSError, match="No space left"):
+        GRPOTrainer(params, out).run()
+    monkeypatch.undo()
+    assert not (out / "samples.jsonl").read_text().endswith("\n")  # a torn last line
+    GRPOTrainer(params, out).run()
+
+    def rows(folder, name):
+        return [{k: v for k, v in json.loads(ln).items() if not k.startswith("time/")}
+                for ln in (folder / name).read_text().splitlines()]
+
+    assert rows(out, "samples.jsonl") == rows(tmp_path / "ref", "samples.jsonl")
+    assert rows(out, "metrics.jsonl") == rows(tmp_path / "ref", "metrics.jsonl")
