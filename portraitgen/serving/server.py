@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
+from ..io import atomic_write_text
 from ..rewards import RewardError
 from ..rewards.remote import PROTOCOL, SERVER_KEY, ServerSettings, decode_images, unpack_request
 from .service import RewardService, load_rewards
@@ -93,9 +94,7 @@ def default_address(params) -> tuple[str, int]:
 
 def _write_address(path: Path, url: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "host": socket.gethostname()}) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"url": url, "pid": os.getpid(), "host": socket.gethostname()}) + "\n")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -130,11 +129,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.address_file:
         Path(args.address_file).unlink(missing_ok=True)
     if args.info_out:  # what was served: rewards, histograms, totals (the workflow rule's output)
-        out = Path(args.info_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(service.info(), indent=1) + "\n")
-        os.replace(tmp, out)
+        Path(args.info_out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.info_out, json.dumps(service.info(), indent=1) + "\n")
     log.info("reward server stopped (%d images in %d batches)", service.totals["images"], service.totals["batches"])
     if not server.started:
         raise SystemExit(f"reward server: could not listen on {host}:{port} (in use? see the log above)")
