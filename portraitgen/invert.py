@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 from . import invert_report, manifest, shards
 from .config import Params
 from .images import load_image
+from .integrity import write_checksum
 from .inversion import (finite_mean, invert, psnr, regenerate, ssim, trajectory_log_prob,
                         transition_stats_and_samples)
 from .policies import FlowPolicy, cond_cat, load_policy, model_fingerprint
-from .io import atomic_write
+from .io import atomic_write, atomic_write_text
 from .stage import Parts, open_output, tracked
 from .sampling import seeded_generator
 
@@ -261,6 +262,7 @@ def merge(params: Params, out_dir: Path, prune: bool = True) -> pd.DataFrame:
             })
     index = pd.DataFrame(rows)
     atomic_write(out_dir / "index.parquet", lambda tmp: index.to_parquet(tmp, index=False))
+    write_checksum(out_dir / "index.parquet")  # training verifies it before reading (portraitgen/integrity.py)
     if prune:  # shards of earlier inputs or configs that no exemplar refers to any more
         for path in shard_dir.glob(shards.SHARD_GLOB):
             if path.name not in wanted:
@@ -316,7 +318,7 @@ def run_invert(params: Params, out_dir: str | Path, *, part: int | None = None, 
         summary["inversion_images_per_second"] = counts["exemplars_inverted"] / max(counts["seconds_inverting"], 1e-9)
         summary["load_seconds"] = counts["seconds_loading"]
     summary.update({k: v for k, v in counts.items() if not k.startswith("seconds")})
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
     report = invert_report.write(out_dir, index, summary)
     with tracked(params.tracking, "invert", params={f"invert.{k}": v for k, v in asdict(params.invert).items()},
                  tags={"portraitgen.model_family": params.model.family}) as tracker:

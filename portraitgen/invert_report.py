@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .io import atomic_write, atomic_write_text
+
 PREVIEW_COUNT = 8  # exemplars (the first, in id order) with an image row in the report
 PREVIEW_DIR = "previews"
 TILES = ("real", "VAE round trip", "ODE regeneration", "bridge end")
@@ -55,10 +57,7 @@ def save_preview(out_dir: Path, image_id: str, tiles: torch.Tensor) -> Path:
     arr = (strip.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     path = out_dir / PREVIEW_DIR / f"{image_id}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".png.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
 
 def _png_data(data: bytes) -> str:
@@ -138,8 +137,4 @@ def write(out_dir: Path, index: pd.DataFrame, summary: dict[str, Any]) -> Path:
             f"<h2>Residuals against the policy's SDE mean</h2><p>1 = the policy's own noise; far below = "
             f"deterministic transitions with atypically high log-probs.</p><img src='{_png_data(plot)}'>"
             f"<h2>Exemplars</h2>{table}</body></html>")
-    path = out_dir / "report.html"
-    tmp = out_dir / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(out_dir / "report.html", page)

@@ -12,6 +12,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from .io import atomic_write
+
 STAMP = ".snakemake/portraitgen-package.sha256"
 
 
@@ -37,10 +39,13 @@ def package_stamp(folder: str | Path = "portraitgen", stamp: str | Path = STAMP)
     if stamp.is_file() and stamp.read_text().strip() == digest:
         return str(stamp)
     stamp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stamp.with_name(stamp.name + ".tmp")
-    tmp.write_text(digest + "\n")
     newest = max((p.stat().st_mtime for p in package_files(folder)), default=None)
-    if newest is not None and not stamp.exists():
-        os.utime(tmp, (newest, newest))
-    tmp.replace(stamp)
+    first = not stamp.exists()
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(digest + "\n")
+        if newest is not None and first:
+            os.utime(tmp, (newest, newest))
+
+    atomic_write(stamp, write)
     return str(stamp)

@@ -72,7 +72,7 @@ from .config import Params, reward_config_hash, uses_detector
 from .embeddings import write_cache
 from .integrity import write_checksum
 from .images import load_image
-from .io import atomic_dir, atomic_write
+from .io import atomic_dir, atomic_write, atomic_write_text
 from .manifest import read_manifest
 from .policies import FlowPolicy, load_policy, model_fingerprint
 from .prompts import load_prompts
@@ -615,7 +615,7 @@ def run_precompute(params: Params, out_dir: str | Path, *, part: int | None = No
         summary.update(score_exemplars(params, out, df, plan, det_key, num_parts if merge_only else None))
     else:
         log.warning("no curated manifest at %s: exemplar rewards skipped", params.invert.manifest)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, default=float))
 
     with tracked(params.tracking, "precompute",
                  params={"reward.components": json.dumps(params.reward.components),

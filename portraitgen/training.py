@@ -61,6 +61,7 @@ from .exemplars import ExemplarBank
 from .fingerprint import fingerprint_hash, semantic_fingerprint
 from .grpo_loss import approx_kl, clipped, gaussian_kl, transition_loss
 from .hardware import Hardware
+from .io import atomic_write_text
 from .logged_model import log_trained_model, training_datasets
 from .policies import FlowPolicy, cond_select, load_policy, model_fingerprint, resolve_model_path
 from .profiling import PhaseTimeline
@@ -672,7 +673,7 @@ class GRPOTrainer:
                                      lora=self.params.train.lora, ema=use_ema)
             summary["exported"] = str(final)
             summary["processes"] = self.world
-            (self.out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.out_dir / "metrics.json", json.dumps(summary, indent=2))
             if self.tracker is not None:
                 self.tracker.log_dict(summary, "metrics.json")
                 log_trained_model(self.tracker, summary, final, datasets=training_datasets(self.params))
