@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import html
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from PIL import Image
 
@@ -18,13 +20,19 @@ from portraitgen.invert_report import GUIDE, PREVIEW_DIR
 from helpers import fast_params, make_manifest
 
 
-def test_report_has_a_metric_guide_and_one_image_row_per_exemplar(tmp_path):
+@pytest.fixture(scope="module")
+def inverted(tmp_path_factory):
     torch.set_num_threads(1)
+    tmp_path = tmp_path_factory.mktemp("inverted")
     manifest = make_manifest(tmp_path / "curate", n=3)
     params = params_from_dict(fast_params(**{"invert.manifest": str(manifest), "invert.shard_size": 2,
                                              "invert.diagnostic_samples": 2}))
     out = tmp_path / "invert"
-    summary = run_invert(params, out)
+    return params, out, run_invert(params, out)
+
+
+def test_report_has_a_metric_guide_and_one_image_row_per_exemplar(inverted):
+    params, out, summary = inverted
     index = pd.read_parquet(out / "index.parquet")
     res = params.model.resolution
     for r in index.to_dict("records"):
@@ -45,3 +53,23 @@ def test_report_has_a_metric_guide_and_one_image_row_per_exemplar(tmp_path):
     # A rerun reuses every shard: the rows of the run that inverted them stay in the report.
     run_invert(params, out)
     assert len(re.findall(r"<img class='strip'", (out / "report.html").read_text())) == 3
+
+
+def test_chromium_decodes_every_image_of_the_report(inverted, tmp_path):
+    """The image rows and the residual plot, as a browser shows them (no network: all embedded)."""
+    import json
+
+    from browser import chromium_or_skip, dump_dom
+
+    binary = chromium_or_skip()
+    _, out, _ = inverted
+    shutil.copy(out / "report.html", tmp_path / "report.html")
+    probe = tmp_path / "probe.html"
+    probe.write_text("<!doctype html><html><body><iframe id='f' src='report.html' width='1200' height='800'></iframe>"
+                     "<pre id='out'>pending</pre><script>document.getElementById('f').onload = function () {"
+                     "var imgs = Array.from(this.contentDocument.images);"
+                     "document.getElementById('out').textContent = JSON.stringify({n: imgs.length, widths: imgs"
+                     ".map(function (i) { return i.complete ? i.naturalWidth : 0; })});};</script></body></html>")
+    dom = dump_dom(binary, probe, extra=("--allow-file-access-from-files",))
+    result = json.loads(dom.split("<pre id=\"out\">")[1].split("</pre>")[0])
+    assert result["n"] == 4 and all(w > 0 for w in result["widths"])  # 3 image rows and the residual plot
