@@ -28,6 +28,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from .io import atomic_write_text
+
 SUMMARY = "summary.json"
 STAGES = ("pretrain", "curate", "invert", "precompute", "train", "bench")
 
@@ -73,11 +75,7 @@ def write_summary(stage: str, out_dir: str | Path, bench_components: tuple[str, 
     if stage not in STAGES or not metrics_file.is_file():
         return None
     data = headline(stage, json.loads(metrics_file.read_text()), bench_components)
-    path = out_dir / SUMMARY
-    tmp = out_dir / f".{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(out_dir / SUMMARY, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_for_command(args) -> Path | None:
