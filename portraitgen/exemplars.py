@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from . import shards
+from .integrity import IntegrityError, rerun, verify_if_recorded
 
 
 class ExemplarError(ValueError):
@@ -25,6 +26,10 @@ class ExemplarBank:
         path = Path(index_path)
         if not path.is_file():
             raise ExemplarError(f"train.exemplars.index: {path} not found (run `portraitgen invert` first)")
+        try:  # verified before it is parsed (the invert stage records its checksum)
+            verify_if_recorded(path, rerun("invert", "portraitgen invert --params params.yaml --out results/invert"), what="train.exemplars.index:")
+        except IntegrityError as exc:
+            raise ExemplarError(str(exc)) from None
         self.root = path.parent
         self.index = pd.read_parquet(path).reset_index(drop=True)
         if self.index.empty:

@@ -84,6 +84,15 @@ def verify_file(path: str | Path, recovery: str, *, what: str = "") -> str:
     return actual
 
 
+def verify_if_recorded(path: str | Path, recovery: str, *, what: str = "") -> bool:
+    """:func:`verify_file` for inputs that may also be made by hand (a manifest, an exemplar index): a file
+    with a sidecar is verified; one without is read as it is. Returns whether it was verified."""
+    if recorded_checksum(path) is None:
+        return False
+    verify_file(path, recovery, what=what)
+    return True
+
+
 def write_folder_checksums(folder: str | Path) -> Path:
     """Record every file under ``folder`` (but the list itself) in ``folder/SHA256SUMS``, written last."""
     folder = Path(folder)

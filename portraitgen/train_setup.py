@@ -13,6 +13,7 @@ import torch
 
 from .config import Params, TrainConfig
 from .hardware import Hardware
+from .integrity import IntegrityError, rerun, verify_if_recorded
 from .prompts import load_prompts
 
 
@@ -62,6 +63,10 @@ def training_prompts(params: Params) -> list[str]:
         if not Path(index).is_file():
             raise TrainingSetupError(f"train.exemplars.index: {index} not found (prompts.source is 'exemplars'; "
                                      f"run `portraitgen invert` first)")
+        try:  # verified before it is parsed: a flipped bit must not garble the captions trained on
+            verify_if_recorded(index, rerun("invert", "portraitgen invert --params params.yaml --out results/invert"), what="train.exemplars.index:")
+        except IntegrityError as exc:
+            raise TrainingSetupError(str(exc)) from None
         return sorted(set(pd.read_parquet(index, columns=["caption"])["caption"]))
     return load_prompts(params.prompts.source)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
 
 from portraitgen import integrity
 from portraitgen.checkpointing import CheckpointError, list_checkpoints
@@ -124,3 +125,20 @@ def test_damaged_exemplar_rewards_name_the_file_and_the_rule(exemplar_index, tmp
     with pytest.raises(TrainingSetupError, match=rf"train.exemplars.rewards: {path} is corrupt.*"
                                                  r"snakemake --forcerun precompute"):
         GRPOTrainer(params_from_dict(fast_params(**over)), tmp_path / "out")
+
+
+def test_a_flipped_bit_in_the_exemplar_index_never_garbles_the_captions(exemplar_index, tmp_path):
+    import shutil
+
+    from portraitgen.exemplars import ExemplarBank, ExemplarError
+
+    folder = tmp_path / "invert"
+    shutil.copytree(exemplar_index.parent, folder)
+    index = folder / "index.parquet"
+    over = {"prompts.source": "exemplars", "train.exemplars.index": str(index), "train.exemplars.per_group": 1}
+    params = params_from_dict(fast_params(**over))
+    flip_bit(index, len(index.read_bytes()) // 2)
+    with pytest.raises(TrainingSetupError, match=rf"train.exemplars.index: {index} is corrupt.*--forcerun invert"):
+        GRPOTrainer(params, tmp_path / "out")
+    with pytest.raises(ExemplarError, match=rf"{index} is corrupt.*--forcerun invert"):
+        ExemplarBank(index, sigmas=torch.linspace(1, 0, 7))
