@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "portraitgen"
 # The modules behind a CLI verb that runs a pipeline stage. They may use each other (precompute
 # generates images with generate's sampler) and everything below them; nothing below imports them.
 STAGES = {"portraitgen.curate", "portraitgen.invert", "portraitgen.precompute", "portraitgen.bench.run",
-          "portraitgen.training", "portraitgen.generate", "portraitgen.ablation"}
+          "portraitgen.training", "portraitgen.generate", "portraitgen.ablation", "portraitgen.pretrain.stage"}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
