@@ -477,6 +477,16 @@ def _output_lock(args: argparse.Namespace):
                        role="bench-only" if getattr(args, "bench_only", False) else "")
 
 
+def _check_tracking(args: argparse.Namespace) -> None:
+    """A stage that writes an --out folder from --params finds out first whether its tracking server answers
+    (portraitgen/tracking.py: one short probe; on_unreachable decides), never after its work."""
+    params = getattr(args, "params", None)
+    if params and getattr(args, "out", None) and args.command != "ablation" and Path(params).is_file():
+        from .tracking import check_before_start
+
+        check_before_start(params)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["progress"]:  # a filter in every job's pipe: started without the stages' imports
@@ -505,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with _output_lock(args):
+            _check_tracking(args)
             rc = args.func(args)
             if rc == 0:  # the stage's headline numbers for DVC (portraitgen/summary.py)
                 from .summary import write_for_command

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -71,11 +72,19 @@ def probe(uri: str, timeout: float | None = None) -> str | None:
     return None
 
 
+_PROBED: dict[str, tuple[float, str | None]] = {}  # uri -> (when, probe result): one probe per stage
+PROBE_REUSE_S = 60.0
+
+
 def resolve_uri(cfg: TrackingConfig) -> str:
     """The URI runs go to, checked by one probe: the configured one, or the fallback store when it is
-    unreachable and ``on_unreachable`` is ``continue``. Raises :class:`TrackingUnreachableError` otherwise."""
+    unreachable and ``on_unreachable`` is ``continue``. Raises :class:`TrackingUnreachableError` otherwise.
+    A probe's result is reused for a minute (the CLI probes before the stage starts, the stage's run again)."""
     uri, source = configured_uri(cfg)
-    reason = probe(uri)
+    when, reason = _PROBED.get(uri, (0.0, None))
+    if time.monotonic() - when > PROBE_REUSE_S:
+        reason = probe(uri)
+        _PROBED[uri] = (time.monotonic(), reason)
     if reason is None:
         return uri
     if getattr(cfg, "on_unreachable", "fail") == "continue":
@@ -83,9 +92,21 @@ def resolve_uri(cfg: TrackingConfig) -> str:
                     "(tracking.on_unreachable: continue)", uri, source, reason, cfg.fallback_uri)
         return cfg.fallback_uri
     raise TrackingUnreachableError(
-        f"MLflow tracking at {uri} ({source}) is unreachable: {reason}. Nothing was run. Start the server, point "
+        f"MLflow tracking at {uri} ({source}) is unreachable: {reason}. Start the server, point "
         f"{URI_ENV} or tracking.uri at a reachable one, or set tracking.on_unreachable: continue (runs are then "
         f"recorded in tracking.fallback_uri, {cfg.fallback_uri}) or tracking.enabled: false")
+
+
+def check_before_start(params_path: str | Path) -> None:
+    """The CLI's check before a stage starts: an unreachable tracking server with ``on_unreachable: fail``
+    stops it before any work (several stages log to MLflow only at their end). Main process only."""
+    from .config import load_params
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    cfg = load_params(params_path).tracking
+    if cfg.enabled:
+        resolve_uri(cfg)
 
 
 def set_mlflow_uri(uri: str) -> None:

@@ -120,3 +120,12 @@ def test_train_with_a_dead_server_stops_in_seconds_and_writes_nothing(tmp_path, 
     assert time.monotonic() - t0 < 60  # was ~4 minutes of retries, after the work
     assert "MLflow tracking at http://127.0.0.1:9" in capsys.readouterr().err
     assert not (tmp_path / "train" / "checkpoints").exists() and not (tmp_path / "train" / "final").exists()
+
+
+def test_a_stage_that_logs_at_its_end_checks_the_server_before_its_work(tmp_path, capsys):
+    """curate logs to MLflow after curating: with a dead server it must stop first, not after the work."""
+    params = write_params(tmp_path / "params.yaml", **{"tracking.enabled": True, "tracking.uri": DEAD})
+    out = tmp_path / "curate"
+    assert main(["curate", "--params", str(params), "--out", str(out), "--workers", "1"]) == 2
+    assert "MLflow tracking at http://127.0.0.1:9" in capsys.readouterr().err
+    assert not (out / "manifest.parquet").exists() and not (out / "cache").exists()
