@@ -145,3 +145,15 @@ def test_a_non_finite_precomputed_exemplar_reward_names_the_file_and_the_exempla
     with pytest.raises(TrainingSetupError, match=rf"{path}: exemplar '{index['id'][2]}' has a non-finite "
                                                  r"'brightness' reward .*--forcerun precompute"):
         GRPOTrainer(params, tmp_path / "out")
+
+
+def test_a_nan_image_is_never_saved_as_black():
+    from portraitgen.images import image_grid, to_pil
+
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[1, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="1 non-finite pixel values"):
+        to_pil(images[1])
+    grid = np.asarray(image_grid(images, ncol=2, pad=0))
+    assert (grid[2, 8 + 2] == [255, 0, 255]).all()  # the NaN pixel is magenta, not black
+    assert np.array_equal(grid[:, :8], np.asarray(to_pil(images[0])))
