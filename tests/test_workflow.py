@@ -508,6 +508,14 @@ def _edit_params(project: Path, section: str, key: str, value) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=True))
 
 
+def _other_model_folder(project: Path) -> str:
+    """A diffusers model folder elsewhere (the params check wants model.path to be one)."""
+    folder = project / "models" / "elsewhere"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text("{}")
+    return str(folder)
+
+
 def test_snakemake_keeps_checkpoints_and_reruns_only_on_params(project, stub_env):
     env, calls = stub_env
     smk(project, env=env())
@@ -574,7 +582,7 @@ def test_snakemake_reruns_curate_on_its_params_and_photos_only(project, stub_env
     assert (project / "results" / "benchmarks" / "curate.tsv").exists()
     # Training settings, the model's path and tracking do not change what is curated.
     _edit_params(project, "train", "lr", 0.5)
-    _edit_params(project, "model", "path", "/models/elsewhere")
+    _edit_params(project, "model", "path", _other_model_folder(project))
     _edit_params(project, "tracking", "uri", "sqlite:///elsewhere.db")
     (photos / "more-notes.txt").write_text("still not an image")
     dry = smk(project, "-n", env=env())
@@ -603,7 +611,7 @@ def test_dvc_repro_keeps_the_curate_cache(project, stub_env):
     dvc(project, "init", "--no-scm", "-q")
     dvc(project, "repro", env=env())
     assert calls("curate")[-1]["args"] == ["curate", "--params", "params.yaml", "--out", "results/curate"]
-    _edit_params(project, "model", "path", "/models/elsewhere")
+    _edit_params(project, "model", "path", _other_model_folder(project))
     status = dvc(project, "status", env=env()).stdout
     assert re.search(r"^train:", status, re.M) and not re.search(r"^curate:", status, re.M), status
     _edit_params(project, "curate", "max_blur", 0.5)

@@ -4,53 +4,61 @@
 # params (rerun triggers), resources, threads and the command. `{root}` is `results`, an ablation run's
 # folder results/ablation/<run>, or results/ablation for the ablation's bench (rules/ablation.smk).
 # What each stage makes and why some outputs are left undeclared: docs/stages.md.
+#
+# The rules are made by a function, not in the loop's body: Snakemake evaluates a rule's `shell:`
+# expression again when the job runs, and a loop variable would by then hold the last stage.
 
-for _stage in WF.stage_names():
-    if WF.num_parts(_stage) > 1:
+
+def stage_rules(stage):
+    if WF.num_parts(stage) > 1:
 
         rule:
             name:
-                f"{_stage}_part"
+                f"{stage}_part"
             input:
-                unpack(stage_inputs(_stage, merge=False)),
+                unpack(stage_inputs(stage, merge=False)),
             output:
-                part_output(_stage),
+                part_output(stage),
             wildcard_constraints:
-                root=WF.root_constraint(_stage),
+                root=WF.root_constraint(stage),
                 part=r"\d{4}",
             params:
-                **stage_params(_stage),
+                **stage_params(stage),
             log:
-                f"{{root}}/logs/{_stage}_part-{{part}}.log",
+                f"{{root}}/logs/{stage}_part-{{part}}.log",
             benchmark:
-                f"{{root}}/benchmarks/{_stage}_part-{{part}}.tsv"
+                f"{{root}}/benchmarks/{stage}_part-{{part}}.tsv"
             conda:
                 "../envs/portraitgen.yaml"
-            threads: WF.threads(_stage)
+            threads: WF.threads(stage)
             resources:
-                **WF.resources(_stage),
+                **WF.resources(stage),
             shell:
-                WF.shell(_stage, part=True)
+                WF.shell(stage, part=True)
 
     rule:
         name:
-            _stage
+            stage
         input:
-            unpack(stage_inputs(_stage)),
+            unpack(stage_inputs(stage)),
         output:
-            **stage_outputs(_stage),
+            **stage_outputs(stage),
         wildcard_constraints:
-            root=WF.root_constraint(_stage),
+            root=WF.root_constraint(stage),
         params:
-            **stage_params(_stage),
+            **stage_params(stage),
         log:
-            f"{{root}}/logs/{_stage}.log",
+            f"{{root}}/logs/{stage}.log",
         benchmark:
-            f"{{root}}/benchmarks/{_stage}.tsv"
+            f"{{root}}/benchmarks/{stage}.tsv"
         conda:
             "../envs/portraitgen.yaml"
-        threads: WF.threads(_stage)
+        threads: WF.threads(stage)
         resources:
-            **WF.resources(_stage),
+            **WF.resources(stage),
         shell:
-            WF.shell(_stage)
+            WF.shell(stage)
+
+
+for _stage in WF.stage_names():
+    stage_rules(_stage)
