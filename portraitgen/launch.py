@@ -11,7 +11,7 @@ this node's allocation holds, and replaces itself with
 
 or, for a single process, with `portraitgen train <flags>`: on one GPU or none it runs exactly what
 `portraitgen train` runs. Batch sizes in params are global, so the process count never changes what
-is computed (README "What it computes"); it only splits the work.
+is computed (docs/design.md §3); it only splits the work.
 
 Where the numbers come from, first match wins:
 - processes per node: `--num-processes` / PORTRAITGEN_NUM_PROCESSES, else one per GPU of this node:
