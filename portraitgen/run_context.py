@@ -21,12 +21,15 @@ DVC_BASELINE_TAG = "portraitgen.dvc_baseline"
 STAGE_TAG = "portraitgen.stage"
 
 
-@functools.lru_cache(maxsize=8)
 def git_commit(cwd: str | None = None) -> str:
-    """HEAD's commit of the repository around ``cwd`` (the working directory), or "" outside git."""
+    """HEAD's commit of the repository around ``cwd`` (default: the working directory), or "" outside git."""
+    return _git_commit(str(Path(cwd or os.getcwd()).resolve()))
+
+
+@functools.lru_cache(maxsize=8)
+def _git_commit(cwd: str) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or os.getcwd(), capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""

@@ -2,6 +2,8 @@
 stage, the curated manifest as a dataset input, the trained model logged and loaded back (real store)."""
 from __future__ import annotations
 
+import subprocess
+
 import pandas as pd
 import pytest
 import torch
@@ -17,6 +19,13 @@ from tests.helpers import fast_params, make_manifest
 
 @pytest.fixture()
 def params_path(tmp_path, monkeypatch):
+    # The stages run inside a git checkout with a known commit (the tags must name it).
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=repo, check=True)
+    monkeypatch.chdir(repo)
     monkeypatch.setenv("PORTRAITGEN_SYSTEM_METRICS", "0")
     monkeypatch.delenv(PARENT_ENV, raising=False)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
