@@ -79,8 +79,11 @@ def test_bench_prompts_get_their_own_file_from_the_shared_store(tmp_path, capsys
     assert bench.prompts == ["", training[0], "a studio headshot of a bench-only person"]
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     changed = {p for p in after if p not in before or after[p] != before[p]}
-    chunks = {p for p in changed if p.parent == out / "cache" / "embeddings" and p not in before}
-    assert changed == {bench_file} | chunks and len(chunks) == 1  # the file, and the new prompt's store entry
+    chunks = {p for p in changed if p.parent == out / "cache" / "embeddings" and p not in before
+              and p.suffix == ".safetensors"}
+    # The file, and the new prompt's store entry, each with its checksum (portraitgen/integrity.py).
+    assert changed == {f.with_name(f.name + s) for f in {bench_file} | chunks for s in ("", ".sha256")}
+    assert len(chunks) == 1
     shared = EmbeddingCache(out / "prompt_embeddings.safetensors").lookup([training[0], ""])
     for name, rows in bench.lookup([training[0], ""]).items():
         assert torch.equal(rows, shared[name])  # one stored entry serves both files
