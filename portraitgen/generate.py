@@ -13,9 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .export import load_trained
+from .io import atomic_write
 from .images import to_pil
 from .policies import FlowPolicy
 from .sampling import randn_per_sample, rollout, seeded_generator
+from .stage import open_output
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,10 @@ def run_generate(model: str, prompts: Sequence[str], out_dir: Path, *, family: s
     policy.freeze_all()
     images = generate_images(policy, prompts, resolution=resolution, num_steps=num_steps,
                              guidance_scale=guidance_scale, seed=seed, num_images=num_images)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = open_output(out_dir)
     paths = []
     for k, img in enumerate(images):
         pi, i = divmod(k, num_images)
         path = out_dir / f"prompt{pi:03d}_seed{seed}_{i:02d}.png"
-        to_pil(img).save(path)
-        paths.append(path)
+        paths.append(atomic_write(path, lambda tmp, img=img: to_pil(img).save(tmp, format="PNG")))
     return paths
