@@ -66,6 +66,10 @@ class Output:
     local: bool = False
     directory: bool = False
     note: str = ""  # a comment in dvc.yaml
+    # `snakemake --report`: the category it is shown under ("" = not in the report); for a directory, the
+    # glob_wildcards patterns of the files to show.
+    report: str = ""
+    report_patterns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ STAGES: tuple[Stage, ...] = (
                         "unchanged, so it is kept across reruns"),
             Output("artifact_detector", "detector", persist=True, directory=True,
                    note="the planted-artifact CNN (evaluation only); reused like the model"),
-            Output("samples.png", "samples"),
+            Output("samples.png", "samples", report="Pretraining"),
             Output("metrics.json", "metrics", note="everything the stage measured"),
             Output("summary.json", "summary", kind="metric", cache=False,
                    note="its headline numbers, tracked by git: the DVC metrics (portraitgen/summary.py)"),
@@ -185,7 +189,7 @@ STAGES: tuple[Stage, ...] = (
             Output("images", "images", directory=True),
             Output("manifest.parquet", "manifest"),
             Output("rejected.parquet", "rejected"),
-            Output("report.html", "report"),
+            Output("report.html", "report", report="Curation"),
             Output("cache", "cache", persist=True, local=True,
                    note="per-image analyses keyed by content hash: a rerun after adding photos analyses only "
                         "the new ones (local, not in dvc.yaml)"),
@@ -202,8 +206,8 @@ STAGES: tuple[Stage, ...] = (
         doc="curated portraits -> trajectory shards on the training schedule, index, report (portraitgen/invert.py)",
         outputs=(
             Output("index.parquet", "index"),
-            Output("report.html", "report"),
-            Output("residuals.png", "plot"),
+            Output("report.html", "report", report="Inversion"),
+            Output("residuals.png", "plot", report="Inversion"),
             Output("shards", "shards", persist=True,
                    note="content-addressed trajectory shards: a rerun inverts only new or changed images"),
             Output("metrics.json", "metrics", note="everything the stage measured"),
@@ -268,7 +272,9 @@ STAGES: tuple[Stage, ...] = (
             Output("comparisons.parquet", "comparisons"),
             Output("metrics_info.json", "metrics_info"),
             Output("report.html", "report"),
-            Output("report_assets", "assets", directory=True),
+            # Its plots and side-by-side grids (report.html links them relatively: open it from the folder).
+            Output("report_assets", "assets", directory=True, report="PortraitBench",
+                   report_patterns=("plots/{name}.png", "grids/{name}.png")),
             Output("plots", "plots", directory=True),
             Output("images", "images", persist=True,
                    note="written by the part jobs when scattered; persist keeps them for the merge"),
@@ -539,6 +545,11 @@ class Workflow:
 
     def root_constraint(self, name: str) -> str:
         return "|".join(ROOT_PATTERNS[r] for r in stage(name).roots)
+
+    def report_of(self, name: str, key: str) -> tuple[str, list[str]]:
+        """(category, patterns) of an output in `snakemake --report` (category "" = not shown)."""
+        o = stage(name).output(key)
+        return o.report, list(o.report_patterns)
 
     def outputs(self, name: str) -> dict[str, tuple[str, bool]]:
         """Snakemake output name -> (path pattern with {root}, is a directory): the declared outputs."""

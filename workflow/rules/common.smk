@@ -94,9 +94,16 @@ def stage_inputs(name, merge=True):
 
 
 def stage_outputs(name):
-    return {
-        key: directory(path) if is_dir else path for key, (path, is_dir) in WF.outputs(name).items()
-    }
+    """The declared outputs; those the stage table marks for `snakemake --report` are flagged report()."""
+
+    def declared(key, path, is_dir):
+        f = directory(path) if is_dir else path
+        category, patterns = WF.report_of(name, key)
+        if not category:
+            return f
+        return report(f, category=category, patterns=patterns) if patterns else report(f, category=category)
+
+    return {key: declared(key, path, is_dir) for key, (path, is_dir) in WF.outputs(name).items()}
 
 
 def stage_params(name):
