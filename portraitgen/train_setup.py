@@ -82,6 +82,18 @@ def optimizer_and_schedule(t: TrainConfig, trainable: Sequence[torch.nn.Paramete
     return optimizer, scheduler
 
 
+def trainable_parameters(policy, t: TrainConfig, hardware: Hardware) -> dict[str, torch.nn.Parameter]:
+    """Freeze the policy, add the LoRA adapters (or unfreeze the transformer, keeping a frozen reference
+    for the KL term), apply the hardware options; returns the trained parameters by name."""
+    policy.freeze_all()
+    if t.finetune == "lora":
+        policy.enable_lora(t.lora.rank, t.lora.alpha, t.lora.target_modules)
+    else:
+        policy.enable_full_finetune(keep_reference=t.kl_beta > 0)
+    apply_hardware_options(policy, hardware)
+    return {n: p for n, p in policy.transformer.named_parameters() if p.requires_grad}
+
+
 def apply_hardware_options(policy, hardware: Hardware) -> None:
     """Precision of the frozen weights, activation checkpointing and compilation of the transformer."""
     hw = hardware

@@ -72,8 +72,8 @@ from .sft_loss import supervised_term
 from .stage import tracked
 from .tracking import Tracker
 from .train_metrics import DeviceStats, advantage_stats, phase_times, sample_rows, summarize, velocity_grad_logger
-from .train_setup import (TrainingSetupError, apply_hardware_options, batch_layout, hardware_params,
-                          optimizer_and_schedule, training_prompts)
+from .train_setup import (TrainingSetupError, batch_layout, hardware_params, optimizer_and_schedule,
+                          trainable_parameters, training_prompts)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,12 @@ class LocalBatch:
 
 
 class GRPOTrainer:
+    """One training run: the policy, its optimizer and the run's state (history, optimizer steps).
+
+    ``run()`` is the whole run; ``iteration(it)`` one iteration, made of the phases ``plan``, ``sample``,
+    ``score``, ``compute_advantages`` and ``train``, each callable alone (tests and benchmarks do).
+    """
+
     def __init__(self, params: Params, out_dir: str | Path, hardware: Hardware = Hardware(),
                  accelerator=None, policy: FlowPolicy | None = None):
         """``policy``: a ready policy on the device instead of loading ``params.model.path`` (benchmarks of
@@ -157,14 +163,8 @@ class GRPOTrainer:
             policy = load_policy(params.model.family, params.model.path, device=self.accelerator.device,
                                  text_encoders=embeddings is None)
         self.policy: FlowPolicy = policy
-        self.policy.freeze_all()
         t = params.train
-        if t.finetune == "lora":
-            self.policy.enable_lora(t.lora.rank, t.lora.alpha, t.lora.target_modules)
-        else:
-            self.policy.enable_full_finetune(keep_reference=t.kl_beta > 0)
-        apply_hardware_options(self.policy, hardware)
-        self.named_trainable = {n: p for n, p in self.policy.transformer.named_parameters() if p.requires_grad}
+        self.named_trainable = trainable_parameters(self.policy, t, hardware)
         self.optimizer, self.scheduler = optimizer_and_schedule(t, list(self.named_trainable.values()),
                                                                 self.accelerator.device)
         # DDP wrapping when there are several processes; the policy's forward calls go through it.
