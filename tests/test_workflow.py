@@ -527,7 +527,9 @@ def test_snakemake_keeps_checkpoints_and_reruns_only_on_params(project, stub_env
 
     # Hardware and tracking settings, and the order of keys, do not rerun a finished job.
     _edit_params(project, "tracking", "uri", "sqlite:///elsewhere.db")
-    dry = smk(project, "-n", "--set-resources", "train:micro_batch=4", "train:mixed_precision=bf16", env=env())
+    dry = smk(project, "-n", "--set-resources", "train:micro_batch=4", "train:mixed_precision=bf16",
+              "train:rollout_batch=8", "train:compile=1", "train:gradient_checkpointing=1",
+              "train:fp32_frozen_weights=1", env=env())
     assert "Nothing to be done" in dry.stdout, dry.stdout
 
     # A training setting does; the rerun fails after writing a checkpoint: Snakemake drops the
