@@ -492,11 +492,9 @@ def write_report(params, ablation_path: str | Path, root: str | Path, *, against
 
 
 def _track(params, out: Path, curves: pd.DataFrame, table: pd.DataFrame) -> None:
-    from .tracking import Tracker
+    from .stage import tracked
 
-    tracker = Tracker(params.tracking, stage="ablation_report", active=True, params={})
-    status = "FAILED"
-    try:
+    with tracked(params.tracking, "ablation_report", params={}) as tracker:
         mean = curves.groupby(["variant", "metric", "iteration"])["value"].mean().reset_index()
         for (variant, metric), g in mean.groupby(["variant", "metric"]):
             for it, value in zip(g["iteration"], g["value"]):
@@ -505,9 +503,6 @@ def _track(params, out: Path, curves: pd.DataFrame, table: pd.DataFrame) -> None
                              if math.isfinite(r.mean)}, step=0)
         for name in ("curves.png", "grid.png", "table.csv", "comparisons.csv", "report.md"):
             tracker.log_artifact(out / name, "ablation")
-        status = "FINISHED"
-    finally:
-        tracker.end(status)
 
 
 def report_cli(args) -> int:
