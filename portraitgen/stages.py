@@ -543,22 +543,46 @@ class Workflow:
     def threads(self, name: str) -> int:
         return stage(name).threads
 
+    @staticmethod
+    def rule_variants(name: str) -> list[tuple[str, str | None]]:
+        """(rule name, root) of the stage's rules. The main pipeline's rule has the stage's name and the
+        concrete root `results` (so `snakemake train` and a profile's `train:` settings work as ever); the
+        ablation's rule, made by the same code, has the name `ablation_<stage>` and a `{root}` wildcard
+        over the ablation's roots (root None)."""
+        roots = stage(name).roots
+        variants: list[tuple[str, str | None]] = [(name, MAIN_ROOT)] if "main" in roots else []
+        if any(r != "main" for r in roots):
+            variants.append((f"ablation_{name}", None))
+        return variants
+
+    def rules(self) -> list[tuple[str, str, str | None]]:
+        """(stage, rule name, root) of every stage rule: the rule_variants of every stage."""
+        return [(s.name, rule, root) for s in STAGES for rule, root in self.rule_variants(s.name)]
+
+    def constraints(self, name: str, root: str | None, *, part: bool = False) -> dict[str, str]:
+        """The wildcard constraints of a rule: `{root}` for an ablation rule, `{part}` for a part rule."""
+        found = {} if root else {"root": self.root_constraint(name)}
+        return {**found, **({"part": r"\d{4}"} if part else {})}
+
     def root_constraint(self, name: str) -> str:
-        return "|".join(ROOT_PATTERNS[r] for r in stage(name).roots)
+        """The `{root}` wildcard of the stage's ablation rule: its roots other than `results`."""
+        return "|".join(ROOT_PATTERNS[r] for r in stage(name).roots if r != "main")
 
     def report_of(self, name: str, key: str) -> tuple[str, list[str]]:
         """(category, patterns) of an output in `snakemake --report` (category "" = not shown)."""
         o = stage(name).output(key)
         return o.report, list(o.report_patterns)
 
-    def outputs(self, name: str) -> dict[str, tuple[str, bool]]:
-        """Snakemake output name -> (path pattern with {root}, is a directory): the declared outputs."""
-        s = stage(name)
-        return {o.name: (f"{{root}}/{s.folder}/{o.path}", o.directory) for o in s.outputs if not o.persist}
+    def outputs(self, name: str, root: str | None = None) -> dict[str, tuple[str, bool]]:
+        """Snakemake output name -> (path under ``root``, or a pattern with {root}, is a directory): the
+        declared outputs."""
+        s, base = stage(name), root or "{root}"
+        return {o.name: (f"{base}/{s.folder}/{o.path}", o.directory) for o in s.outputs if not o.persist}
 
-    def inputs(self, name: str, wildcards: Any, *, merge: bool = True) -> dict[str, list[str]]:
+    def inputs(self, name: str, wildcards: Any, *, root: str | None = None, merge: bool = True
+               ) -> dict[str, list[str]]:
         s = stage(name)
-        root = wildcards.root
+        root = root or wildcards.root
         files = []
         for path in stage_inputs(s, self.params(root)):
             files += [path] if producer(path) else _expand_folder(path)
@@ -569,8 +593,8 @@ class Workflow:
             found["parts"] = self.part_files(name, root)
         return found
 
-    def param_values(self, name: str, wildcards: Any) -> dict[str, Any]:
-        data = self.params_data(wildcards.root)
+    def param_values(self, name: str, wildcards: Any, root: str | None = None) -> dict[str, Any]:
+        data = self.params_data(root or wildcards.root)
         return {param_name(k): param_value(data, k) for k in stage(name).params}
 
     def param_names(self, name: str) -> list[str]:
@@ -579,9 +603,9 @@ class Workflow:
     def num_parts(self, name: str) -> int:
         return int(self.parts.get(name, 1)) if stage(name).parts else 1
 
-    def part_pattern(self, name: str) -> str:
+    def part_pattern(self, name: str, root: str | None = None) -> str:
         s = stage(name)
-        return part_pattern(f"{{root}}/{s.folder}", self.num_parts(name), s.parts)
+        return part_pattern(f"{root or '{root}'}/{s.folder}", self.num_parts(name), s.parts)
 
     def part_files(self, name: str, root: str) -> list[str]:
         s, n = stage(name), self.num_parts(name)
@@ -593,23 +617,23 @@ class Workflow:
         s = stage(name)
         return {**s.resources, **(snakemake_resources() if s.hardware == "train" else {})}
 
-    def extra_args(self, name: str, wildcards: Any) -> str:
+    def extra_args(self, name: str, wildcards: Any, root: str | None = None) -> str:
         """Flags a root adds to the command: the ablation's bench names its models and baseline."""
-        if name == "bench" and wildcards.root == ABLATION_ROOT:
+        if name == "bench" and (root or wildcards.root) == ABLATION_ROOT:
             bench = self.params_data(ABLATION_ROOT)["bench"]
             models = "".join(f" --model {label}={path}" for label, path in bench["models"].items())
             return f"{models} --baseline {bench['baseline']}"
         return ""
 
-    def shell(self, name: str, *, part: bool = False) -> str:
+    def shell(self, name: str, root: str | None = None, *, part: bool = False) -> str:
         """The rule's command: the DVC command on the root's params file, its part or merge flags, its
-        hardware flags from threads/resources, and the log."""
+        hardware flags from threads/resources, and the log. ``root`` None: the job's `{root}` wildcard."""
         from .hardware import snakemake_flags
 
         s = stage(name)
         verb, *flags = s.command.split()
-        command = " ".join(["portraitgen", verb, "--params {params.params_file}", f"--out {{wildcards.root}}/{s.folder}",
-                            *flags])
+        command = " ".join(["portraitgen", verb, "--params {params.params_file}",
+                            f"--out {root or '{wildcards.root}'}/{s.folder}", *flags])
         command += "{params.extra_args}"
         n = self.num_parts(name)
         if part:

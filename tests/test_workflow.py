@@ -209,12 +209,16 @@ def test_snakemake_rules_and_dvc_yaml_come_from_the_stage_table(project):
     assert gen.returncode == 0, gen.stderr
     rules = snakemake_rules(project)
     stages = dvc_stages(project)
-    # Ablation runs reuse the stage rules with another root: only the run's params file and the
-    # ablation's report have rules of their own. The reward server is a job beside the stages.
+    # Ablation runs use the stage rules made by the same code, with a {root} wildcard (ablation_<stage>);
+    # the run's params file and the ablation's report have rules of their own. The reward server is a job
+    # beside the stages.
     ablation = {name for name in rules if name.startswith("ablation")} | {"reward_server"} | {
         name for name in rules if name.endswith("_with_reward_server")}
     assert {"ablation", "ablation_params"} <= ablation
-    assert not {"ablation_invert", "ablation_precompute", "ablation_train", "ablation_bench"} & ablation
+    for name in ("invert", "precompute", "train", "bench"):
+        twin = rules[f"ablation_{name}"]
+        assert {k: p.replace("{root}", "results") for k, p in twin["output"].items()} == rules[name]["output"]
+        assert twin["params"] == rules[name]["params"] and twin["log"] == [f"{{root}}/logs/{name}.log"]
     # The reward server's job and its paired targets (rules/reward_server.smk) serve stages; none is one.
     served = {"reward_server", "train_with_reward_server", "bench_with_reward_server"}
     assert set(rules) - {"all"} - ablation - served == set(stages) == {s.name for s in STAGES}
@@ -237,24 +241,24 @@ def test_snakemake_rules_and_dvc_yaml_come_from_the_stage_table(project):
         # Besides the package, both read the same files of other stages (a real dry run's job inputs).
         if name in inputs:  # a stage of the default target
             assert inputs[name] == set(stage["deps"]) - {"portraitgen"}, name
-        assert rule["log"] == [f"{{root}}/logs/{name}.log"]
-        assert rule["benchmark"] == f"{{root}}/benchmarks/{name}.tsv"
+        assert rule["log"] == [f"results/logs/{name}.log"]
+        assert rule["benchmark"] == f"results/benchmarks/{name}.tsv"
     # No file is the output of two stages (the bench's prompts are not in a file training reads).
     declared = [p for stage in stages.values() for p in [*_out_paths(stage.get("outs", [])),
                                                          *_out_paths(stage.get("metrics", []))]]
     assert len(declared) == len(set(declared))
 
-    assert rules["bench_embeddings"]["output"] == {"embeddings": "{root}/precompute/bench_prompt_embeddings.safetensors"}
+    assert rules["bench_embeddings"]["output"] == {"embeddings": "results/precompute/bench_prompt_embeddings.safetensors"}
     assert "results/precompute/bench_prompt_embeddings.safetensors" in inputs["bench"]
     assert not {"bench_suite", "bench_subset"} & set(rules["precompute"]["params"])  # but bench_reward stays
     assert "bench_reward" in rules["precompute"]["params"]
-    assert rules["train"]["output"] == {"model": "{root}/train/final", "metrics": "{root}/train/metrics.json",
-                                        "summary": "{root}/train/summary.json", "history": "{root}/train/metrics.jsonl"}
-    assert rules["train"]["directories"] == ["{root}/train/final"]
+    assert rules["train"]["output"] == {"model": "results/train/final", "metrics": "results/train/metrics.json",
+                                        "summary": "results/train/summary.json", "history": "results/train/metrics.jsonl"}
+    assert rules["train"]["directories"] == ["results/train/final"]
     # Resume state and the per-image cache stay local: in no tool's outputs, so neither deletes them before a
     # run and a clone that pulled the results misses nothing (dvc status: up to date).
     assert "results/train/checkpoints" not in _out_paths(stages["train"]["outs"])
-    assert rules["curate"]["directories"] == ["{root}/curate/images"]
+    assert rules["curate"]["directories"] == ["results/curate/images"]
     # The per-image cache survives reruns in both tools (what makes adding images cheap).
     assert "results/curate/cache" not in _out_paths(stages["curate"]["outs"])
     # Each stage's DVC metrics are its few headline numbers, tracked by git (cache: false).
@@ -283,6 +287,11 @@ def test_a_detector_reward_orders_bench_and_train_after_precompute(project):
     # DVC, generated from the same table and these params, orders them the same way.
     subprocess.run([sys.executable, "-m", "portraitgen", "dvc-yaml", "--write"], cwd=project, env=_env(), check=True)
     assert "results/precompute/metrics.json" in dvc_stages(project)["train"]["deps"]
+
+
+def test_a_stage_is_a_target_by_its_name(project):
+    """`snakemake train` builds the training and what it needs, nothing downstream."""
+    assert _jobs(smk(project, "-n", "train").stdout) - {"pretrain"} == {"curate", "invert", "precompute", "train"}
 
 
 def test_a_model_made_by_pretrain_is_an_input_of_every_stage_that_loads_it(project):
@@ -704,11 +713,12 @@ def test_ablation_runs_every_variant_and_seed_through_the_stages(project):
         assert f"results/ablation/{run}/train/final" in dry
         assert f"--model {run}=results/ablation/{run}/train" in dry
     assert "--baseline plain-s1" in dry
-    # The main rules run once per run (root results/ablation/<run>), the bench once for all of them.
+    # The stage rules' ablation twins run once per run (root results/ablation/<run>), the bench once for
+    # all of them; curation is shared.
     counts = dict(re.findall(r"^(ablation\w*|curate|invert|precompute|train|bench)\s+(\d+)$", dry, re.M))
-    assert {k: counts.get(k) for k in ("ablation_params", "invert", "precompute", "train", "bench", "curate",
-                                       "ablation")} == {"ablation_params": "4", "invert": "4", "precompute": "4",
-                                                        "train": "4", "bench": "1", "curate": "1", "ablation": "1"}
+    wanted = {"ablation_params": "4", "ablation_invert": "4", "ablation_precompute": "4", "ablation_train": "4",
+              "ablation_bench": "1", "curate": "1", "ablation": "1"}
+    assert {k: counts.get(k) for k in wanted} == wanted
     for run in runs:
         assert (f"portraitgen launch-train --params results/ablation/{run}/params.yaml"
                 f" --out results/ablation/{run}/train ") in dry

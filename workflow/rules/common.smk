@@ -83,17 +83,19 @@ WF = Workflow(
 )
 
 
-def stage_inputs(name, merge=True):
+# `root`: the results root of a rule, `results` for the main pipeline's; None for an ablation rule, whose
+# jobs take it from their `{root}` wildcard (WF.rule_variants).
+def stage_inputs(name, root=None, merge=True):
     """The rule's inputs: the package's files (`src`), the files the stage reads from params (`deps`:
     other stages' outputs and user files), a run's params file, and for a merge job its part files."""
 
     def inputs(wildcards):
-        return WF.inputs(name, wildcards, merge=merge)
+        return WF.inputs(name, wildcards, root=root, merge=merge)
 
     return inputs
 
 
-def stage_outputs(name):
+def stage_outputs(name, root=None):
     """The declared outputs; those the stage table marks for `snakemake --report` are flagged report()."""
 
     def declared(key, path, is_dir):
@@ -103,24 +105,24 @@ def stage_outputs(name):
             return f
         return report(f, category=category, patterns=patterns) if patterns else report(f, category=category)
 
-    return {key: declared(key, path, is_dir) for key, (path, is_dir) in WF.outputs(name).items()}
+    return {key: declared(key, path, is_dir) for key, (path, is_dir) in WF.outputs(name, root).items()}
 
 
-def stage_params(name):
+def stage_params(name, root=None):
     """The params keys the stage reads (its rerun triggers), the params file of the job's root and the
     flags the root adds (the ablation bench's models)."""
 
     def value(key):
-        return lambda wildcards: WF.param_values(name, wildcards)[key]
+        return lambda wildcards: WF.param_values(name, wildcards, root)[key]
 
     return {
-        "params_file": lambda wildcards: WF.params_file(wildcards.root),
-        "extra_args": lambda wildcards: WF.extra_args(name, wildcards),
+        "params_file": lambda wildcards: WF.params_file(root or wildcards.root),
+        "extra_args": lambda wildcards: WF.extra_args(name, wildcards, root),
         **{key: value(key) for key in WF.param_names(name)},
     }
 
 
-def part_output(name):
+def part_output(name, root=None):
     """A part job's output: its part file (invert's part jobs write shards, and only a marker file)."""
-    path = WF.part_pattern(name)
+    path = WF.part_pattern(name, root)
     return touch(path) if WF.part_is_marker(name) else path

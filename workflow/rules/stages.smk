@@ -1,64 +1,67 @@
-# The pipeline's stage rules, one per stage of the stage table (portraitgen/stages.py), plus a part rule
-# for each stage scattered with `--config <stage>_parts=N`. Everything about a rule comes from the
-# table: inputs (the package, the files the stage reads from params, a run's params file), outputs,
-# params (rerun triggers), resources, threads and the command. `{root}` is `results`, an ablation run's
-# folder results/ablation/<run>, or results/ablation for the ablation's bench (rules/ablation.smk).
-# What each stage makes and why some outputs are left undeclared: docs/stages.md.
+# The pipeline's stage rules, made from the stage table (portraitgen/stages.py). For every stage, a
+# rule named after the stage writes under results/ (the main pipeline, so `snakemake train` works and a
+# profile's `train` settings apply); when ablation runs use the stage, the same rule named
+# `ablation_<stage>` writes under a `{root}` wildcard (results/ablation/<run>, or results/ablation for
+# the ablation's bench; rules/ablation.smk); and each of them gets a part rule when the stage is
+# scattered with `--config <stage>_parts=N`. Everything about each comes from the table -- inputs (the
+# package, the files the stage reads from params, a run's params file), outputs, params (rerun
+# triggers), resources, threads and the command --. What each stage makes, and why some outputs are left
+# undeclared: docs/stages.md.
 #
-# The rules are made by a function, not in the loop's body: Snakemake evaluates a rule's `shell:`
+# The rules are made by a function, not in a loop's body: Snakemake evaluates a rule's `shell`
 # expression again when the job runs, and a loop variable would by then hold the last stage.
 
 
-def stage_rules(stage):
+def stage_rules(stage, name, root):
+    base = root or "{root}"
     if WF.num_parts(stage) > 1:
 
         rule:
             name:
-                f"{stage}_part"
+                f"{name}_part"
             input:
-                unpack(stage_inputs(stage, merge=False)),
+                unpack(stage_inputs(stage, root, merge=False)),
             output:
-                part_output(stage),
+                part_output(stage, root),
             wildcard_constraints:
-                root=WF.root_constraint(stage),
-                part=r"\d{4}",
+                **WF.constraints(stage, root, part=True),
             params:
-                **stage_params(stage),
+                **stage_params(stage, root),
             log:
-                f"{{root}}/logs/{stage}_part-{{part}}.log",
+                f"{base}/logs/{stage}_part-{{part}}.log",
             benchmark:
-                f"{{root}}/benchmarks/{stage}_part-{{part}}.tsv"
+                f"{base}/benchmarks/{stage}_part-{{part}}.tsv"
             conda:
                 "../envs/portraitgen.yaml"
             threads: WF.threads(stage)
             resources:
                 **WF.resources(stage),
             shell:
-                WF.shell(stage, part=True)
+                WF.shell(stage, root, part=True)
 
     rule:
         name:
-            stage
+            name
         input:
-            unpack(stage_inputs(stage)),
+            unpack(stage_inputs(stage, root)),
         output:
-            **stage_outputs(stage),
+            **stage_outputs(stage, root),
         wildcard_constraints:
-            root=WF.root_constraint(stage),
+            **WF.constraints(stage, root),
         params:
-            **stage_params(stage),
+            **stage_params(stage, root),
         log:
-            f"{{root}}/logs/{stage}.log",
+            f"{base}/logs/{stage}.log",
         benchmark:
-            f"{{root}}/benchmarks/{stage}.tsv"
+            f"{base}/benchmarks/{stage}.tsv"
         conda:
             "../envs/portraitgen.yaml"
         threads: WF.threads(stage)
         resources:
             **WF.resources(stage),
         shell:
-            WF.shell(stage)
+            WF.shell(stage, root)
 
 
-for _stage in WF.stage_names():
-    stage_rules(_stage)
+for _stage, _name, _root in WF.rules():
+    stage_rules(_stage, _name, _root)
