@@ -56,8 +56,10 @@ def test_default_params_read_the_other_stages_outputs():
     params = load_params(REPO / "params.yaml")
     assert stage_inputs(stage("train"), params) == ["results/invert/index.parquet",
                                                     "results/precompute/exemplar_rewards.parquet",
-                                                    "results/precompute/prompt_embeddings.safetensors"]
+                                                    "results/precompute/prompt_embeddings.safetensors",
+                                                    "results/pretrain/metrics.json"]  # the default model.path
     assert stage_inputs(stage("curate"), params) == []
+    assert stage_inputs(stage("pretrain"), params) == []
 
 
 def test_ablation_run_names_are_the_roots_the_rules_accept():
