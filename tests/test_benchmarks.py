@@ -19,6 +19,8 @@ SCRIPTS = {
     "reward_server.py": ("reward_server", {f"{k}/{r}" for k in ("inproc", "server", "added_ms", "overhead_ms",
                                                                  "clients2", "mean_batch")
                                            for r in ("omni_vlm", "ai_portrait_classic")}),
+    "pretrain.py": ("pretrain", {"planted/train_seconds", "planted/face_rate_samples", "clean/artifact_rate_samples",
+                                 "real/face_rate", "planted/artifact_rate_above_clean_control"}),
 }
 
 
