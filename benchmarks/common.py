@@ -10,7 +10,7 @@ Benchmark configurations (``--config``):
   CFG 4.5. Python overhead dominates: this is where per-step overheads show.
 - ``small``: the CPU target, an SD3 MMDiT of 20.1 M params (4 blocks of width 384) at 256 px (32x32x16
   latents), 64 cached text tokens; compute dominates.
-- ``reference``: design.md §8's reference, the SD3.5-medium architecture (2.24 B params, random
+- ``reference``: docs/design.md §8's reference, the SD3.5-medium architecture (2.24 B params, random
   weights) at 512 px, 4 prompts x 8 samples, 10 steps, 9 trained steps, CFG 4.5, LoRA r=32, KL 0.04,
   EMA; built directly on the device (a GPU run).
 - ``zimage``: the Z-Image architecture (6.2 B params) at 512 px, same recipe without CFG (Z-Image-Turbo).
@@ -45,7 +45,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-# Dense bf16 peak, TFLOP/s. design.md §8 counts ~790 for the H200 (its measured 436 TFLOP/s = 55 %); the
+# Dense bf16 peak, TFLOP/s. docs/design.md §8 counts ~790 for the H200 (its measured 436 TFLOP/s = 55 %); the
 # H100 SXM has the same tensor cores and clocks. Override with --peak-tflops.
 PEAK_BF16_TFLOPS = {"H200": 790.0, "H100 NVL": 835.0 * 790 / 989, "H100 PCIe": 756.0 * 790 / 989, "H100": 790.0,
                     "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}

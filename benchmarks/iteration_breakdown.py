@@ -406,7 +406,7 @@ def memory_sweep(args, tw: common.TransformerWork, trainer) -> dict[int, float]:
 
 
 def transformer_only(args) -> dict[str, Any]:
-    """design.md §8's anchors: ms per image-step and TFLOP/s of the LoRA'd transformer alone, forward at the
+    """docs/design.md §8's anchors: ms per image-step and TFLOP/s of the LoRA'd transformer alone, forward at the
     rollout batch and forward+backward at the training batch (CFG doubles both), random inputs."""
     from portraitgen.policies import load_policy
 

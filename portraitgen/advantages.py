@@ -1,4 +1,4 @@
-"""Group-relative advantages (design.md §3).
+"""Group-relative advantages (docs/design.md §3).
 
 Each prompt is sampled ``group_size`` times; a sample's advantage is its reward standardised within its
 group (or by the std of the whole batch with ``global_std``), clamped to +-``clip``. A group whose rewards

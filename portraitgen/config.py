@@ -52,8 +52,8 @@ class PromptsConfig:
 @dataclass(frozen=True)
 class SampleConfig:
     num_steps: int = 10  # sampling steps of a training rollout
-    step_type: Literal["sde", "cps"] = "sde"  # stochastic step family (design.md §2)
-    noise_level: float = 0.7  # `a` in design.md §2; ~0.7 for SD3, ~0.9 for FLUX
+    step_type: Literal["sde", "cps"] = "sde"  # stochastic step family (docs/design.md §2)
+    noise_level: float = 0.7  # `a` in docs/design.md §2; ~0.7 for SD3, ~0.9 for FLUX
     cfg: bool = True  # classifier-free guidance in rollouts *and* training (they must match)
     guidance_scale: float = 4.5  # standard convention: 1.0 means no guidance
     global_batch_size: int = 16  # images sampled per iteration, summed over all processes
@@ -90,7 +90,7 @@ class EmaConfig:
 
 @dataclass(frozen=True)
 class ExemplarConfig:
-    """Real exemplars in the GRPO groups (design.md §4). per_group = 0 is plain GRPO."""
+    """Real exemplars in the GRPO groups (docs/design.md §4). per_group = 0 is plain GRPO."""
 
     per_group: int = 0  # E: exemplar trajectories in each group (of sample.group_size); the rest are generated
     index: str = "results/invert/index.parquet"  # the invert stage's index of shards
@@ -180,7 +180,7 @@ class CurateConfig:
 
 @dataclass(frozen=True)
 class InvertConfig:
-    """Inversion of curated real portraits into trajectories on the training schedule (design.md §4).
+    """Inversion of curated real portraits into trajectories on the training schedule (docs/design.md §4).
 
     The schedule, step type and noise level are the training ones (``sample.*``, ``model.resolution``).
     """
@@ -208,7 +208,7 @@ class RewardConfig:
     # name -> weight; the training reward is the weighted sum. Names come from the reward registry.
     components: dict[str, float] = field(default_factory=lambda: {"brightness": 1.0})
     # name -> keyword options of that reward's factory (backend, model path, prompt template, calibration
-    # set, batch size, ...); each reward checks its own options. See README "Rewards".
+    # set, batch size, ...); each reward checks its own options. See docs/rewards.md.
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # name -> per-component normalisation; components without an entry enter the sum as they are.
     normalize: dict[str, RewardNormalizeConfig] = field(default_factory=dict)

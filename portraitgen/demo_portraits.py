@@ -1,5 +1,5 @@
 """The built-in demo set (``curate.source: builtin:demo``): real portraits that ship inside installed
-wheels, so the quick start curates real photos without downloading anything (design.md §7).
+wheels, so the quick start curates real photos without downloading anything (docs/design.md §7).
 
 - scikit-image ``astronaut.png``: Eileen Collins, NASA portrait, 512x512 colour (public domain);
 - matplotlib ``grace_hopper.jpg``: Grace Hopper, US Navy portrait, 512x600 colour JPEG (public domain);

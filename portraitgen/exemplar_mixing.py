@@ -1,4 +1,4 @@
-"""Real exemplars mixed into GRPO groups (design.md §4).
+"""Real exemplars mixed into GRPO groups (docs/design.md §4).
 
 An exemplar is a real image inverted into a trajectory of the sampler (the invert stage). Mixed into a
 group of generated samples for the same prompt, it is scored like them and trained on like them: its

@@ -1,4 +1,4 @@
-"""Access to inverted exemplars during training (design.md §4).
+"""Access to inverted exemplars during training (docs/design.md §4).
 
 :class:`ExemplarBank` reads the invert stage's ``index.parquet``, checks that it was made for the
 model and schedule being trained, and serves each exemplar's trajectory from its verified shard

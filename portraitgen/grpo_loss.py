@@ -1,4 +1,4 @@
-"""The GRPO objective of one denoising transition per sample (design.md §3), as pure functions.
+"""The GRPO objective of one denoising transition per sample (docs/design.md §3), as pure functions.
 
 Each trained transition ``x_t -> x_{t-1}`` of a sample is one action of a Gaussian policy. With the
 log-probability ``logp`` of the stored transition under the current policy, ``logp_old`` under the

@@ -1,4 +1,4 @@
-"""Inverting real images into trajectories of the policy (design.md §4).
+"""Inverting real images into trajectories of the policy (docs/design.md §4).
 
 A real image's latent ``x0`` becomes a trajectory ``x_0 (sigma=1) -> ... -> x_T = x0`` on the training
 schedule, so that it can join a GRPO group and be scored and trained on like a generated sample.
@@ -13,7 +13,7 @@ Modes:
 - ``bridge``: sample a path tied to ``x0`` at the policy's noise scale: each transition is the policy's
   own stochastic step (same family, same std) evaluated with the *oracle* velocity
   ``v = (x - x0) / sigma`` (whose x0-prediction is exactly the real ``x0``). For "cps" this is
-  design.md's ``x' = (1 - s') x0 + sqrt(s'^2 - s^2) x1_hat + s eps``. The last transition
+  docs/design.md's ``x' = (1 - s') x0 + sqrt(s'^2 - s^2) x1_hat + s eps``. The last transition
   (``sigma' = 0``) lands on ``x0`` exactly and is deterministic, so it is never trained on. The
   residual of a bridge transition against the *policy's* mean is the noise plus
   ``(1 - sigma') (x0 - x0_hat_theta)`` and its x1 counterpart: noise-sized where the policy already

@@ -1,4 +1,4 @@
-"""One MLflow *parent* run per pipeline invocation; every stage's run becomes its child (design.md §1).
+"""One MLflow *parent* run per pipeline invocation; every stage's run becomes its child (docs/design.md §1).
 
     portraitgen mlflow-parent start --params params.yaml --launcher snakemake   # prints the run id
     portraitgen mlflow-parent end --params params.yaml --run-id ID --status FINISHED

@@ -1,4 +1,4 @@
-"""Stochastic flow-matching sampling with per-step log-probabilities (design.md §2).
+"""Stochastic flow-matching sampling with per-step log-probabilities (docs/design.md §2).
 
 GRPO treats every denoising transition ``x -> x'`` as an action of a Gaussian policy
 ``p(x' | x) = N(mu_theta(x, sigma), std^2)``. Two families of stochastic steps are supported:

@@ -1,4 +1,4 @@
-"""GRPO training of a flow-matching policy on Accelerate (design.md §2-§3).
+"""GRPO training of a flow-matching policy on Accelerate (docs/design.md §2-§3).
 
 One iteration reads as its phases (:meth:`GRPOTrainer.run`)::
 

@@ -1,4 +1,4 @@
-"""A throwaway single-node SLURM cluster for tests (../shared/notes/slurm-local.md).
+"""A throwaway single-node SLURM cluster for tests (docs/cluster.md).
 
     with SlurmCluster.start(partitions=["cpu", "gpu"], gpus=1) as cluster:
         subprocess.run(["sbatch", "--wrap", "hostname"], env=cluster.env())

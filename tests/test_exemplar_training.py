@@ -1,4 +1,4 @@
-"""Exemplar-driven groups: real trajectories inside GRPO groups (design.md §4)."""
+"""Exemplar-driven groups: real trajectories inside GRPO groups (docs/design.md §4)."""
 import json
 
 import numpy as np

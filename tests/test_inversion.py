@@ -1,4 +1,4 @@
-"""Inversion modes and their diagnostics (design.md §4)."""
+"""Inversion modes and their diagnostics (docs/design.md §4)."""
 import math
 
 import pytest
@@ -68,7 +68,7 @@ def test_bridge_ends_at_x0_and_has_unit_residuals_under_an_oracle(step_type):
 
 
 def test_deterministic_inversions_have_residuals_far_below_the_noise(ode_case):
-    """The known caveat of design.md §4: measured, not hidden."""
+    """The known caveat of docs/design.md §4: measured, not hidden."""
     policy, cond, sigmas, start, traj = ode_case
     fp = invert(policy, traj.final, cond, sigmas, mode="fixed_point", step_type="sde", noise_level=0.7)
     stats = transition_stats(policy, fp.latents, cond, sigmas, step_type="sde", noise_level=0.7)

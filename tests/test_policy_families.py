@@ -2,7 +2,7 @@
 
 Each family's tiny pipeline is built in code, saved with ``save_pretrained`` and loaded back through
 ``Policy.from_pretrained`` (the code path real weights take). The checks pin the conventions each adapter
-converts (design.md §2): prompt conditioning that slices and concatenates, the exact sampling schedule,
+converts (docs/design.md §2): prompt conditioning that slices and concatenates, the exact sampling schedule,
 ODE parity with the stock pipeline's own sampling loop (FLUX: packed latents and distilled guidance;
 Z-Image: list inputs, ``1 - sigma`` timesteps, negated output and ``g_z = g - 1`` CFG), LoRA export that
 the stock pipeline loads, and the LoRA-disabled reference.

@@ -9,7 +9,7 @@ from portraitgen.sampling import gaussian_log_prob, ode_step, rollout, step_std,
 
 
 def _reference_sde(x, v, sig, sig_n, a, sig_max):
-    """design.md §2 'sde' written out in float64 numpy, independently of the package."""
+    """docs/design.md §2 'sde' written out in float64 numpy, independently of the package."""
     dt = sig_n - sig
     s = a * math.sqrt(sig / (1 - (sig_max if sig == 1 else sig)))
     mu = x * (1 + s**2 * dt / (2 * sig)) + v * (1 + s**2 * (1 - sig) / (2 * sig)) * dt

@@ -1,5 +1,5 @@
 """``portraitgen bench``: PortraitBench — did training make portraits more photorealistic, with fewer AI
-artifacts, without losing prompt fit or diversity? (design.md §6)
+artifacts, without losing prompt fit or diversity? (docs/design.md §6)
 
     portraitgen bench --params params.yaml --out results/bench                       # the models of bench.models
     portraitgen bench --params params.yaml --out results/bench --model base=base --model grpo=results/train

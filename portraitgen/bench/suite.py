@@ -15,7 +15,7 @@ A suite is a JSONL file, one prompt per line::
 
 ``builtin:v1`` is :func:`build_suite_v1`'s output, written once to ``data/portraitbench_v1.jsonl`` and
 never changed (a test checks that the file and the function agree; a new suite is a new version). It
-crosses the category axes of design.md §6 — shot, age, gender presentation, skin tone, lighting,
+crosses the category axes of docs/design.md §6 — shot, age, gender presentation, skin tone, lighting,
 setting, one stressor (freckles, wrinkles, glasses, beard, hands near the face, open smile, curly hair,
 or none) and the number of people (1, 2 or 3) — into 300 prompts. Levels are assigned greedily: each
 prompt takes, axis by axis, the compatible level used least so far (ties broken by a hash of the

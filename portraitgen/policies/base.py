@@ -1,7 +1,7 @@
 """The policy interface: one view over diffusers flow-matching pipelines.
 
 A :class:`FlowPolicy` wraps a diffusers pipeline (SD3/SD3.5, FLUX.1, Z-Image, ...) and exposes what
-GRPO needs, in one convention for every family (design.md §2):
+GRPO needs, in one convention for every family (docs/design.md §2):
 
 - latents are the VAE's, *unpacked* ``[B, C, h, w]`` float32, already shifted/scaled;
 - ``sigma`` runs from 1 (noise) to 0 (data) and ``x_sigma = (1 - sigma) x0 + sigma eps``;
@@ -290,7 +290,7 @@ class FlowPolicy(ABC):
 
         ``regional`` (default) compiles each repeated block (:attr:`repeated_blocks`, or the model's own
         ``_repeated_blocks``) rather than the whole model: the blocks share their code, so compilation takes
-        a fraction of the time (design.md §8: ~140 s for the whole SD3.5-medium transformer) for most of
+        a fraction of the time (docs/design.md §8: ~140 s for the whole SD3.5-medium transformer) for most of
         the speed-up; the glue around them (embeddings, final layer) stays eager.
         """
         import torch._dynamo

@@ -1,7 +1,7 @@
 """FLUX.1 adapter (``FluxPipeline``: MMDiT + single-stream transformer, CLIP-L pooled + T5 text).
 
 What differs from SD3 and is converted here, so the sampler and trainer keep the one convention of
-design.md §2 (unpacked ``[B, C, h, w]`` latents, ``v = eps - x0``, sigma from 1 to 0):
+docs/design.md §2 (unpacked ``[B, C, h, w]`` latents, ``v = eps - x0``, sigma from 1 to 0):
 
 - **Packed latents.** The FLUX transformer sees 2x2 latent patches as tokens: ``[B, (h/2)(w/2), 4C]``
   (``FluxPipeline._pack_latents``), with per-token position ids ``img_ids`` (row, column) and all-zero

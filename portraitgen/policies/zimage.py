@@ -1,6 +1,6 @@
 """Z-Image adapter (``ZImagePipeline``: single-stream DiT, Qwen3 text encoder, FLUX VAE).
 
-Conversions done here so that the sampler and trainer keep design.md §2's convention (unpacked
+Conversions done here so that the sampler and trainer keep docs/design.md §2's convention (unpacked
 ``[B, C, h, w]`` latents, ``v = eps - x0``, sigma from 1 to 0):
 
 - **Latents as a list.** The transformer takes a *list* of per-sample latents, each ``[C, F=1, h, w]``

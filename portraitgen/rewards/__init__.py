@@ -1,4 +1,4 @@
-"""Rewards: a registry of scorers with one signature, combined by weight (design.md §5).
+"""Rewards: a registry of scorers with one signature, combined by weight (docs/design.md §5).
 
 Model-free sanity rewards (:mod:`.simple`), OmniReward (:mod:`.omni`: ``omni_classic``, ``omni_vlm``)
 and AI-Portrait (:mod:`.ai_portrait`: ``ai_portrait_classic``, ``ai_portrait_vlm``,

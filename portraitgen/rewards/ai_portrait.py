@@ -1,4 +1,4 @@
-"""AI-Portrait: human-centric fidelity — does this face look like a real, unretouched photo? (design.md §5)
+"""AI-Portrait: human-centric fidelity — does this face look like a real, unretouched photo? (docs/design.md §5)
 
 Registered names (options in ``reward.options.<name>``):
 

@@ -1,4 +1,4 @@
-"""No-reference image quality features for the offline OmniReward (design.md §5).
+"""No-reference image quality features for the offline OmniReward (docs/design.md §5).
 
 Per image, at a working size (the longer side is downscaled to ``work_size``; never upscaled):
 

@@ -1,4 +1,4 @@
-"""AI-Portrait ``detector`` backend: a small real-vs-generated face classifier (design.md §5).
+"""AI-Portrait ``detector`` backend: a small real-vs-generated face classifier (docs/design.md §5).
 
 Trained by the pipeline on crops of curated real portraits (label 1) against crops of images the base
 model generated (label 0); its probability of "real" is the reward, as in detector-guided rewards.

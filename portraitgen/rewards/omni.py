@@ -1,4 +1,4 @@
-"""OmniReward: overall image quality and prompt fit (design.md §5).
+"""OmniReward: overall image quality and prompt fit (docs/design.md §5).
 
 Registered names (options in ``reward.options.<name>``):
 

@@ -1,4 +1,4 @@
-"""Skin features of a portrait's face: the measurable signs of AI skin (design.md §5).
+"""Skin features of a portrait's face: the measurable signs of AI skin (docs/design.md §5).
 
 On the face box resampled to a canonical size (so a feature does not depend on how large the face
 is in the image), within :func:`face_region.skin_mask`:

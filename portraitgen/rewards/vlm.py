@@ -1,4 +1,4 @@
-"""Rating images with a local instruction-tuned vision-language model (design.md §5).
+"""Rating images with a local instruction-tuned vision-language model (docs/design.md §5).
 
 The model sees the image and a rating prompt (a template in params, ``{prompt}`` is replaced by the
 image's prompt) and is about to answer. Instead of generating and parsing text, we read the logits of
