@@ -277,6 +277,24 @@ def reward_curves(runs: Sequence[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["variant", "seed", "iteration", "metric", "value"])
 
 
+def exemplar_gradient_share(runs: Sequence[Run], group_size: int) -> pd.DataFrame:
+    """variant, seed, share: the exemplars' share of the velocity-gradient norm in each exemplar run (mean
+    over iterations of ``E g_ex / (E g_ex + (G - E) g_gen)`` from the per-sample norms the trainer logs),
+    to set beside the supervised control's ``train.sft.share``."""
+    rows = []
+    for r in runs:
+        shares = []
+        for line in (r.train_dir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            ex, gen = rec.get("exemplar/velocity_grad_norm"), rec.get("generated/velocity_grad_norm")
+            e = rec.get("exemplar/per_group", 0)
+            if e and ex is not None and gen is not None and math.isfinite(ex) and math.isfinite(gen) and ex + gen > 0:
+                shares.append(e * ex / (e * ex + (group_size - e) * gen))
+        if shares:
+            rows.append({"variant": r.variant, "seed": r.seed, "share": float(np.mean(shares))})
+    return pd.DataFrame(rows, columns=["variant", "seed", "share"])
+
+
 def checkpoint_curves(runs: Sequence[Run], params_of: Callable[[Run], Any], scorer: ArtifactScorer | None,
                       prompts: Sequence[str], *, images_per_prompt: int = 2, num_steps: int = 0,
                       seed: int = 0) -> pd.DataFrame:
@@ -474,6 +492,9 @@ def write_report(params, ablation_path: str | Path, root: str | Path, *, against
     real_chroma = float(np.mean([chroma(im) for im in ref_images]))
     real_artifact = float(scorer.flags(np.stack(ref_images)).mean()) if scorer is not None else math.nan
     p0 = params_of(runs[0])
+    shares = exemplar_gradient_share(runs, p0.sample.group_size)
+    share_text = "; ".join(f"{v} {g['share'].mean():.3f} (runs {g['share'].min():.3f}-{g['share'].max():.3f})"
+                           for v, g in shares.groupby("variant", sort=False))
     scale = {"variants": len(variants), "seeds": list(ablation.seeds), "runs": len(runs),
              "iterations": p0.train.iterations, "images_per_iteration": p0.sample.global_batch_size,
              "group_size": p0.sample.group_size, "bench_prompts": int(table["prompt_id"].nunique()),
@@ -481,10 +502,13 @@ def write_report(params, ablation_path: str | Path, root: str | Path, *, against
              "resolution": p0.model.resolution, "model": p0.model.path}
     summary = {"ablation": str(ablation.source), "baseline": ablation.baseline, "against": against,
                "scale": scale, "reference": ref_what, "real_chroma": real_chroma, "real_planted_artifact": real_artifact,
+               "exemplar_gradient_share": shares.to_dict(orient="records"),
                "table": per_variant.to_dict(orient="records"), "comparisons": comparisons.to_dict(orient="records")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     text = (f"# Ablation report ({ablation.source})\n\nReal set ({ref_what}): chroma {real_chroma:.2f}, planted-"
-            f"artifact rate {real_artifact:.3f}.\n\n" + markdown(per_variant, comparisons, variants, scale) +
+            f"artifact rate {real_artifact:.3f}.\n\n" +
+            (f"Exemplars' share of the velocity-gradient norm (compare train.sft.share): {share_text}.\n\n"
+             if share_text else "") + markdown(per_variant, comparisons, variants, scale) +
             "\n![curves](curves.png)\n\n![grid](grid.png)\n")
     (out / "report.md").write_text(text)
     _track(params, out, curves, per_variant)

@@ -341,3 +341,15 @@ def test_the_report_finds_the_detector_pretrain_wrote_beside_the_model(tmp_path)
     assert ar.default_detector("builtin:tiny") == ""
     with pytest.raises(ar.AblationReportError, match="--detector: .*not an artifact detector folder"):
         ar.load_artifact_scorer(tmp_path / "pretrain" / "artifact_detector")
+
+
+def test_exemplar_gradient_share_from_the_logged_norms(tmp_path):
+    ablation = load_ablation(_write(tmp_path, "baseline: plain\nseeds: [1]\nvariants:\n  plain: {}\n  ex: {}\n"))
+    runs = ar.runs_of(ablation, tmp_path)
+    logs = ({"reward/mean": 0.3},
+            {"exemplar/per_group": 1, "exemplar/velocity_grad_norm": 3.0, "generated/velocity_grad_norm": 1.0})
+    for run, rec in zip(runs, logs):
+        run.train_dir.mkdir(parents=True)
+        (run.train_dir / "metrics.jsonl").write_text(json.dumps({"iteration": 0, **rec}) + "\n")
+    shares = ar.exemplar_gradient_share(runs, group_size=8)
+    assert list(shares["variant"]) == ["ex"] and shares["share"].iloc[0] == pytest.approx(3.0 / (3.0 + 7.0))
