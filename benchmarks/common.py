@@ -514,3 +514,23 @@ def peak_rss_bytes() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def images_at(resolution: int, batch: int):
+    """``batch`` of the shipped real photos and portraits, centre-cropped and resized to ``resolution``
+    (float CHW in [0, 1]), so that face rewards do their full work in a benchmark."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from portraitgen.rewards.real_images import builtin_photos
+
+    photos = builtin_photos()
+    out = []
+    for i in range(batch):
+        p = photos[i % len(photos)]
+        s = min(p.shape[:2])
+        y0, x0 = (p.shape[0] - s) // 2, (p.shape[1] - s) // 2
+        sq = cv2.resize(p[y0:y0 + s, x0:x0 + s], (resolution, resolution), interpolation=cv2.INTER_AREA)
+        out.append(torch.from_numpy(np.array(sq)).permute(2, 0, 1).float() / 255.0)
+    return torch.stack(out)

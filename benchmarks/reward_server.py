@@ -30,28 +30,11 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, Report, machine  # noqa: E402
+from common import REPO, Report, images_at, machine  # noqa: E402
 
 import torch  # noqa: E402
 
 CLASSIC = ["omni_classic", "ai_portrait_classic", "jpeg_compressibility"]
-
-
-def images_at(resolution: int, batch: int) -> torch.Tensor:
-    """The shipped real photos and portraits, centre-cropped and resized (face rewards do their full work)."""
-    import cv2
-
-    from portraitgen.rewards.real_images import builtin_photos
-
-    photos = builtin_photos()
-    out = []
-    for i in range(batch):
-        p = photos[i % len(photos)]
-        s = min(p.shape[:2])
-        y0, x0 = (p.shape[0] - s) // 2, (p.shape[1] - s) // 2
-        sq = cv2.resize(p[y0:y0 + s, x0:x0 + s], (resolution, resolution), interpolation=cv2.INTER_AREA)
-        out.append(torch.from_numpy(np.array(sq)).permute(2, 0, 1).float() / 255.0)
-    return torch.stack(out)
 
 
 def _free_port() -> int:

@@ -23,24 +23,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import images_at  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def images_at(resolution: int, batch: int) -> torch.Tensor:
-    import cv2
-
-    from portraitgen.rewards.real_images import builtin_photos
-
-    photos = builtin_photos()
-    out = []
-    for i in range(batch):
-        p = photos[i % len(photos)]
-        s = min(p.shape[:2])
-        y0, x0 = (p.shape[0] - s) // 2, (p.shape[1] - s) // 2
-        sq = cv2.resize(p[y0:y0 + s, x0:x0 + s], (resolution, resolution), interpolation=cv2.INTER_AREA)
-        out.append(torch.from_numpy(np.array(sq)).permute(2, 0, 1).float() / 255.0)
-    return torch.stack(out)
 
 
 def toy_detector(out_dir: Path) -> str:

@@ -47,15 +47,19 @@ def _parse(path: Path, text: str) -> tuple[list[dict], bool]:
     return records, torn
 
 
-def read(path: str | Path) -> list[dict]:
-    """The records of ``path`` ([] when it does not exist), leaving out a torn last line (with a warning)."""
-    path = Path(path)
+def _load(path: Path) -> tuple[list[dict], bool]:
+    """``(records, torn)`` of ``path`` (``([], False)`` when it does not exist), warning about a torn line."""
     if not path.is_file():
-        return []
+        return [], False
     records, torn = _parse(path, path.read_text(encoding="utf-8", errors="replace"))
     if torn:
-        log.warning("%s: dropped a partial last line (a write was interrupted)", path)
-    return records
+        log.warning("%s: dropped a partial last line (a write was interrupted: killed, or the disk was full)", path)
+    return records, torn
+
+
+def read(path: str | Path) -> list[dict]:
+    """The records of ``path`` ([] when it does not exist), leaving out a torn last line (with a warning)."""
+    return _load(Path(path))[0]
 
 
 def rewrite(path: str | Path, records: Iterable[dict]) -> None:
@@ -67,11 +71,7 @@ def repair(path: str | Path, keep: Callable[[dict], bool] | None = None) -> list
     """Drop a torn last line of ``path`` (warning, naming the file) and, with ``keep``, every record it
     rejects; the file is rewritten atomically only if something changed. Returns the records kept."""
     path = Path(path)
-    if not path.is_file():
-        return []
-    records, torn = _parse(path, path.read_text(encoding="utf-8", errors="replace"))
-    if torn:
-        log.warning("%s: dropped a partial last line (a write was interrupted: killed, or the disk was full)", path)
+    records, torn = _load(path)
     kept = [r for r in records if keep(r)] if keep is not None else records
     if torn or len(kept) != len(records):
         rewrite(path, kept)
