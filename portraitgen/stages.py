@@ -36,6 +36,7 @@ from typing import Any
 from .ablation import RUN_NAME as ABLATION_RUN_NAME
 from .config import Params, params_from_dict, params_to_dict, uses_detector
 from .fingerprint import training_params_keys
+from .integrity import sidecar
 from .package_stamp import package_stamp
 from .stage import part_file, part_pattern
 
@@ -102,6 +103,14 @@ class Stage:
 
     def out_dir(self, root: str = MAIN_ROOT) -> str:
         return f"{root}/{self.folder}"
+
+
+def _checksummed(o: Output) -> tuple[Output, Output]:
+    """A file a later stage verifies, and its ``.sha256`` sidecar (portraitgen/integrity.py): both are
+    outputs, so that `dvc checkout` / `dvc exp apply` of another version restores the checksum with the
+    file (a newer sidecar left beside an older file would make its readers report it as corrupt), and
+    Snakemake removes a stale sidecar with the file before a rerun."""
+    return o, Output(sidecar(o.path).as_posix(), f"{o.name}_sha256")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +196,7 @@ STAGES: tuple[Stage, ...] = (
         doc="real portraits -> face-centred crops, manifest, rejections, report (portraitgen/curate.py)",
         outputs=(
             Output("images", "images", directory=True),
-            Output("manifest.parquet", "manifest"),
+            *_checksummed(Output("manifest.parquet", "manifest")),
             Output("rejected.parquet", "rejected"),
             Output("report.html", "report", report="Curation"),
             Output("cache", "cache", persist=True, local=True,
@@ -205,7 +214,7 @@ STAGES: tuple[Stage, ...] = (
         name="invert", command="invert", folder="invert",
         doc="curated portraits -> trajectory shards on the training schedule, index, report (portraitgen/invert.py)",
         outputs=(
-            Output("index.parquet", "index"),
+            *_checksummed(Output("index.parquet", "index")),
             Output("report.html", "report", report="Inversion"),
             Output("residuals.png", "plot", report="Inversion"),
             Output("shards", "shards", persist=True,
@@ -223,8 +232,8 @@ STAGES: tuple[Stage, ...] = (
         doc="prompt-embedding cache, the AI-Portrait detector (when a reward uses it), exemplar rewards "
             "(portraitgen/precompute.py)",
         outputs=(
-            Output("prompt_embeddings.safetensors", "embeddings"),
-            Output("exemplar_rewards.parquet", "rewards"),
+            *_checksummed(Output("prompt_embeddings.safetensors", "embeddings")),
+            *_checksummed(Output("exemplar_rewards.parquet", "rewards")),
             Output("metrics.json", "metrics", note="everything the stage measured"),
             Output("summary.json", "summary", kind="metric", cache=False,
                    note="its headline numbers, tracked by git: the DVC metrics (portraitgen/summary.py)"),
@@ -242,7 +251,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="bench_embeddings", command="precompute --bench-only", folder="precompute", shares_folder=True,
         doc="PortraitBench's prompt embeddings (bench.prompt_embeddings); never reruns train",
-        outputs=(Output("bench_prompt_embeddings.safetensors", "embeddings"),),
+        outputs=(*_checksummed(Output("bench_prompt_embeddings.safetensors", "embeddings")),),
         params=("model.family", "model.path", "bench.suite", "bench.subset"),
         reads=lambda p: [] if _is_builtin(p.bench.suite) else [p.bench.suite], primary="embeddings",
         resources={**_GPU, "runtime": 60},
@@ -404,6 +413,8 @@ DVC_HEADER = """\
 # Hardware settings are not part of the commands, so changing them never marks a stage as changed; set
 # them through the environment (portraitgen/hardware.py), e.g.
 #   PORTRAITGEN_MIXED_PRECISION=bf16 PORTRAITGEN_MICRO_BATCH=4 PORTRAITGEN_COMPILE=1 dvc repro
+# A `.sha256` output is the checksum its readers verify the file beside it with (portraitgen/integrity.py),
+# declared so that `dvc checkout` and `dvc exp apply` restore it together with the file.
 """
 
 

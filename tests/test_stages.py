@@ -25,6 +25,23 @@ def test_dvc_yaml_is_generated_from_the_table(monkeypatch, tmp_path):
     assert list(stages) == [s.name for s in STAGES]
 
 
+def test_checksum_sidecars_are_outputs_beside_their_files():
+    """Every file whose readers verify a `.sha256` sidecar (portraitgen/integrity.py) declares the sidecar
+    as an output of the same stage, so `dvc checkout` / `dvc exp apply` never pairs a file with the
+    checksum of another version of it."""
+    checked = {"curate": "manifest.parquet", "invert": "index.parquet",
+               "precompute": ["prompt_embeddings.safetensors", "exemplar_rewards.parquet"],
+               "bench_embeddings": "bench_prompt_embeddings.safetensors"}
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, files in checked.items():
+        folder = stage(name).out_dir()
+        for file in [files] if isinstance(files, str) else files:
+            assert f"{folder}/{file}" in stages[name]["outs"], (name, file)
+            assert f"{folder}/{file}.sha256" in stages[name]["outs"], (name, file)
+    sidecars = [o.path for s in STAGES for o in s.outputs if o.path.endswith(".sha256")]
+    assert len(sidecars) == 5  # and no other stage declares one it never writes
+
+
 def test_paths_into_a_stage_folder_depend_on_that_stage():
     assert producer("results/train")[1] == "results/train/final"  # a training output folder: its model
     assert producer("results/train/final/")[1] == "results/train/final"

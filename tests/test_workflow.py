@@ -248,7 +248,9 @@ def test_snakemake_rules_and_dvc_yaml_come_from_the_stage_table(project):
                                                          *_out_paths(stage.get("metrics", []))]]
     assert len(declared) == len(set(declared))
 
-    assert rules["bench_embeddings"]["output"] == {"embeddings": "results/precompute/bench_prompt_embeddings.safetensors"}
+    assert rules["bench_embeddings"]["output"] == {
+        "embeddings": "results/precompute/bench_prompt_embeddings.safetensors",
+        "embeddings_sha256": "results/precompute/bench_prompt_embeddings.safetensors.sha256"}
     assert "results/precompute/bench_prompt_embeddings.safetensors" in inputs["bench"]
     assert not {"bench_suite", "bench_subset"} & set(rules["precompute"]["params"])  # but bench_reward stays
     assert "bench_reward" in rules["precompute"]["params"]
@@ -441,7 +443,7 @@ if args[0] == "curate":  # the curate stage's outputs and its (undeclared / pers
     (out / "cache").mkdir(exist_ok=True)
     (out / "cache" / f"entry-{{len(list((out / 'cache').iterdir()))}}").write_text("analysis")
     (out / "images" / "0123456789abcdef.png").write_text("crop")
-    for name in ("manifest.parquet", "rejected.parquet", "report.html"):
+    for name in ("manifest.parquet", "manifest.parquet.sha256", "rejected.parquet", "report.html"):
         (out / name).write_text(name)
     (out / "metrics.json").write_text(json.dumps({{"kept": 1}}))
     (out / "summary.json").write_text(json.dumps({{"kept": 1}}))
@@ -451,9 +453,12 @@ if args[0] == "curate":  # the curate stage's outputs and its (undeclared / pers
 if args[0] in ("pretrain", "invert", "precompute", "bench"):  # their declared outputs
     names = {{"pretrain": ["model/model_index.json", "artifact_detector/detector.json", "samples.png", "metrics.json",
                           "summary.json"],
-             "invert": ["index.parquet", "report.html", "residuals.png", "metrics.json", "summary.json"],
-             "precompute": (["bench_prompt_embeddings.safetensors"] if "--bench-only" in args else
-                            ["prompt_embeddings.safetensors", "exemplar_rewards.parquet", "metrics.json",
+             "invert": ["index.parquet", "index.parquet.sha256", "report.html", "residuals.png", "metrics.json",
+                        "summary.json"],
+             "precompute": (["bench_prompt_embeddings.safetensors", "bench_prompt_embeddings.safetensors.sha256"]
+                            if "--bench-only" in args else
+                            ["prompt_embeddings.safetensors", "prompt_embeddings.safetensors.sha256",
+                             "exemplar_rewards.parquet", "exemplar_rewards.parquet.sha256", "metrics.json",
                              "summary.json"]),
              "bench": ["scores.parquet", "per_category.parquet", "set_metrics.parquet", "comparisons.parquet",
                        "metrics_info.json", "report.html", "report_assets/grid.png", "plots/comparisons.csv",
