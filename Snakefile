@@ -15,10 +15,11 @@ localrules:
 
 
 # The default target. It must be a rule of this file: Snakemake never takes an included file's rule.
+# Its root is results/, or results/runs/NAME with `--config run=NAME` (workflow/rules/common.smk).
 rule all:
     input:
-        curate_manifest="results/curate/manifest.parquet",
-        invert_report="results/invert/report.html",
-        precompute_metrics="results/precompute/metrics.json",
-        train_metrics="results/train/metrics.json",
-        bench_report="results/bench/report.html",
+        curate_manifest=f"{WF.main_root}/curate/manifest.parquet",
+        invert_report=f"{WF.main_root}/invert/report.html",
+        precompute_metrics=f"{WF.main_root}/precompute/metrics.json",
+        train_metrics=f"{WF.main_root}/train/metrics.json",
+        bench_report=f"{WF.main_root}/bench/report.html",

@@ -182,7 +182,7 @@ def cmd_mlflow_parent(args: argparse.Namespace) -> int:
     from .pipeline_run import end_parent_run, main_start
 
     if args.action == "start":
-        return main_start(args.params, args.launcher, args.command_line)
+        return main_start(args.params, args.launcher, args.command_line, args.run_name)
     if not args.run_id:
         raise SystemExit("portraitgen mlflow-parent end: --run-id is required")
     end_parent_run(args.params, args.run_id, args.status)
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--params", default="params.yaml", help="its `tracking` section says where the run goes")
     mp.add_argument("--launcher", default="snakemake", help="start: what runs the pipeline (tag and run name)")
     mp.add_argument("--command-line", default="", help="start: the invoking command, stored as a tag")
+    mp.add_argument("--run-name", default="", help="start: the named run (`snakemake --config run=NAME`): the "
+                                                   "parent's name and its portraitgen.run tag")
     mp.add_argument("--run-id", help="end: the parent run's id")
     mp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"],
                     help="end: the parent run's final status")

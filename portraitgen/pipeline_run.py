@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Params, flatten, load_params, params_to_dict
-from .run_context import run_tags
+from .run_context import NAMED_RUN_TAG, run_tags
 from .tracking import PARENT_ENV, bounded_http_retries, resolve_uri, set_mlflow_uri
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,9 @@ def _experiment_id(client, name: str) -> str:
     return exp.experiment_id if exp is not None else client.create_experiment(name)
 
 
-def start_parent_run(params_path: str | Path, *, launcher: str, command: str = "") -> str | None:
-    """Create the parent run; return its id (None when tracking is disabled in the params)."""
+def start_parent_run(params_path: str | Path, *, launcher: str, command: str = "", run_name: str = "") -> str | None:
+    """Create the parent run; return its id (None when tracking is disabled in the params). ``run_name``: a
+    named run (``snakemake --config run=NAME``), which names and tags the parent."""
     params = load_params(params_path)
     if not params.tracking.enabled:
         return None
@@ -57,8 +58,10 @@ def start_parent_run(params_path: str | Path, *, launcher: str, command: str = "
     if command:
         tags["portraitgen.command"] = command[:5000]
     tags.update(run_tags(Path(params_path).resolve().parent))  # git commit; the DVC experiment, when inside one
-    run = client.create_run(_experiment_id(client, params.tracking.experiment), run_name=f"pipeline ({launcher})",
-                            tags=tags)
+    if run_name:
+        tags[NAMED_RUN_TAG] = run_name
+    title = f"{run_name} ({launcher})" if run_name else f"pipeline ({launcher})"
+    run = client.create_run(_experiment_id(client, params.tracking.experiment), run_name=title, tags=tags)
     run_id = run.info.run_id
     # The experiment's full params on the parent: runs are compared in the UI by these.
     from mlflow.entities import Param
@@ -133,8 +136,8 @@ def run_tracked(params_path: str | Path, command: Sequence[str], *, launcher: st
     return rc
 
 
-def main_start(params_path: str, launcher: str, command: str) -> int:
-    run_id = start_parent_run(params_path, launcher=launcher, command=command)
+def main_start(params_path: str, launcher: str, command: str, run_name: str = "") -> int:
+    run_id = start_parent_run(params_path, launcher=launcher, command=command, run_name=run_name)
     print(run_id or "")  # read by the Snakefile's onstart hook
     sys.stdout.flush()
     return 0

@@ -19,6 +19,9 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"
 DVC_EXP_TAG = "portraitgen.dvc_exp"
 DVC_BASELINE_TAG = "portraitgen.dvc_baseline"
 STAGE_TAG = "portraitgen.stage"
+# A named run (`snakemake --config run=NAME`, results/runs/NAME): the workflow sets PORTRAITGEN_RUN for its jobs.
+NAMED_RUN_TAG = "portraitgen.run"
+NAMED_RUN_ENV = "PORTRAITGEN_RUN"
 
 
 def git_commit(cwd: str | None = None) -> str:
@@ -62,6 +65,8 @@ def run_tags(cwd: str | Path | None = None) -> dict[str, str]:
         tags[DVC_EXP_TAG] = name
     if baseline:
         tags[DVC_BASELINE_TAG] = baseline
+    if os.environ.get(NAMED_RUN_ENV):
+        tags[NAMED_RUN_TAG] = os.environ[NAMED_RUN_ENV]
     return tags
 
 

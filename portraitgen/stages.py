@@ -11,10 +11,12 @@ whether it scatters into part jobs. From it:
   at the bottom of this module (:class:`Workflow`), so no rule repeats a default, a file extension or
   a run name.
 
-Roots. Every stage writes ``<root>/<folder>``: the root is ``results`` for the main pipeline and
-``results/ablation/<run>`` for an ablation run (portraitgen/ablation.py), whose params come from the
-ablation file; the ablation's bench has the root ``results/ablation``. The Snakemake rules are the same
-for every root (a ``root`` wildcard).
+Roots. Every stage writes ``<root>/<folder>``: the root is ``results`` for the main pipeline,
+``results/runs/<name>`` for a named run (``snakemake --config run=NAME``: params.yaml with every path
+into a stage's folder moved under that root, :func:`named_run_params`) and ``results/ablation/<run>`` for
+an ablation run (portraitgen/ablation.py), whose params come from the ablation file; the ablation's bench
+has the root ``results/ablation``. The Snakemake rules are the same for every root (a ``root`` wildcard,
+or the invocation's root for the main rules).
 
 Dependencies from params. A stage that loads the model depends on the stage whose output
 ``model.path`` points into (e.g. a pretraining stage's ``results/pretrain/model``); a reward component
@@ -45,8 +47,12 @@ ABLATION_ROOT = "results/ablation"
 # An ablation run's name: a variant name (portraitgen.ablation.RUN_NAME) and its seed (ablation.run_name).
 _RUN = ABLATION_RUN_NAME.pattern.removeprefix("^").removesuffix("$") + r"-s\d+"
 RUN_ROOT = re.compile(rf"^results/ablation/(?P<run>{_RUN})$")
+NAMED_RUNS = "results/runs"  # a named run's root: results/runs/<name>
+_NAMED = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+NAMED_ROOT = re.compile(rf"^results/runs/(?P<name>{_NAMED})$")
 # Snakemake's constraint of the `root` wildcard, per kind of root a stage runs under.
-ROOT_PATTERNS = {"main": r"results", "run": rf"results/ablation/{_RUN}", "ablation": r"results/ablation"}
+ROOT_PATTERNS = {"main": r"results", "run": rf"results/ablation/{_RUN}", "ablation": r"results/ablation",
+                 "named": rf"results/runs/{_NAMED}"}
 PARAMS_FILE = "params.yaml"
 
 
@@ -322,7 +328,7 @@ def _norm(path: str) -> str:
 
 def _split_root(path: str) -> tuple[str, str] | None:
     """(root, path inside the root) when ``path`` lies under a results root, else None."""
-    for pattern in (ROOT_PATTERNS["run"], ROOT_PATTERNS["ablation"], ROOT_PATTERNS["main"]):
+    for pattern in (ROOT_PATTERNS["named"], ROOT_PATTERNS["run"], ROOT_PATTERNS["ablation"], ROOT_PATTERNS["main"]):
         if m := re.match(rf"^({pattern})/(.+)$", path):
             return m.group(1), m.group(2)
     return None
@@ -369,6 +375,59 @@ def stage_inputs(s: Stage, params: Params) -> list[str]:
         if made is not None and made[0].name != s.name:
             out.add(made[1])
     return sorted(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Named runs: the pipeline under results/runs/<name>
+# --------------------------------------------------------------------------------------------------
+def named_run_root(name: str) -> str:
+    """The root of the named run ``name`` (``results/runs/<name>``); a clear error for an unusable name."""
+    if not isinstance(name, str) or not re.fullmatch(_NAMED, name):
+        raise ValueError(f"run name {name!r}: use letters, digits, '_', '.' and '-', starting with a letter or "
+                         f"digit (it becomes the folder {NAMED_RUNS}/<name>)")
+    return f"{NAMED_RUNS}/{name}"
+
+
+def named_run_params(data: Mapping[str, Any], root: str) -> dict[str, Any]:
+    """``data`` (params as loaded) with every path into a stage's folder under ``results`` moved under
+    ``root``: the model pretrain makes, the manifest, the exemplar index, prompt embeddings, exemplar
+    rewards, detectors, the models the bench compares. User files (photos, prompt lists, a hand-made
+    detector under results/ that no stage makes) stay where they are."""
+    def rebase(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: rebase(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rebase(v) for v in value]
+        if isinstance(value, str) and not _is_builtin(value):
+            split = _split_root(_norm(value))
+            if split is not None and split[0] == MAIN_ROOT and producer(value) is not None:
+                return f"{root}/{split[1]}"
+        return value
+
+    return rebase(dict(data))
+
+
+def named_run_params_text(data: Mapping[str, Any], name: str) -> str:
+    """The params file of the named run ``name`` (``results/runs/<name>/params.yaml``)."""
+    import yaml
+
+    root = named_run_root(name)
+    return (f"# Named run {name}: params.yaml with every stage's outputs under {root} (written by the workflow\n"
+            f"# from params.yaml on every invocation with --config run={name}; edit params.yaml, not this file).\n"
+            + yaml.safe_dump(named_run_params(data, root), sort_keys=False))
+
+
+def write_named_run_params(data: Mapping[str, Any], name: str) -> str:
+    """Write the named run's params file when its content differs from what is there, and leave it alone
+    otherwise (its mtime then never makes a job look out of date; the params values are the triggers)."""
+    from .io import atomic_write_text
+
+    path = Path(named_run_root(name)) / PARAMS_FILE
+    text = named_run_params_text(data, name)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    return str(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,13 +545,17 @@ def _expand_folder(path: str) -> list[str]:
 
 class Workflow:
     """The Snakemake view of the table for one invocation: ``config`` (params.yaml as Snakemake loaded
-    it, workflow options removed), the ablation file, and the number of part jobs per stage."""
+    it, workflow options removed), the ablation file, the number of part jobs per stage, and the named
+    run (``--config run=NAME``), whose root the main rules write under instead of ``results``."""
 
     def __init__(self, config: Mapping[str, Any], *, ablation_file: str = "ablation.yaml",
-                 parts: Mapping[str, int] | None = None):
+                 parts: Mapping[str, int] | None = None, run: str | None = None):
         self.config = dict(config)
         self.ablation_file = ablation_file
         self.parts = dict(parts or {})
+        self.run = str(run) if run not in (None, "") else None
+        # The root of the main rules: results, or results/runs/<name> for a named run.
+        self.main_root = named_run_root(self.run) if self.run else MAIN_ROOT
 
     # ---- params of a root
     @functools.lru_cache(maxsize=None)
@@ -500,6 +563,8 @@ class Workflow:
         """The params mapping a root's jobs run with (every key present, defaults filled in)."""
         if root == MAIN_ROOT:
             data = self.config
+        elif NAMED_ROOT.match(root):
+            data = named_run_params(self.config, root)
         elif root == ABLATION_ROOT:
             ablation = self._ablation()
             data = dict(self.config)
@@ -529,7 +594,11 @@ class Workflow:
         return self._ablation().runs
 
     def params_file(self, root: str) -> str:
-        return f"{root}/{PARAMS_FILE}" if RUN_ROOT.match(root) else PARAMS_FILE
+        return f"{root}/{PARAMS_FILE}" if RUN_ROOT.match(root) or NAMED_ROOT.match(root) else PARAMS_FILE
+
+    def write_run_params(self) -> str | None:
+        """A named run's params file (written at parse time, only when it changes); None without a run."""
+        return write_named_run_params(self.config, self.run) if self.run else None
 
     # ---- per rule
     @staticmethod
@@ -554,14 +623,13 @@ class Workflow:
     def threads(self, name: str) -> int:
         return stage(name).threads
 
-    @staticmethod
-    def rule_variants(name: str) -> list[tuple[str, str | None]]:
+    def rule_variants(self, name: str) -> list[tuple[str, str | None]]:
         """(rule name, root) of the stage's rules. The main pipeline's rule has the stage's name and the
-        concrete root `results` (so `snakemake train` and a profile's `train:` settings work as ever); the
-        ablation's rule, made by the same code, has the name `ablation_<stage>` and a `{root}` wildcard
-        over the ablation's roots (root None)."""
+        concrete root of the invocation, `results` or a named run's `results/runs/<name>` (so `snakemake
+        train` and a profile's `train:` settings work as ever); the ablation's rule, made by the same code,
+        has the name `ablation_<stage>` and a `{root}` wildcard over the ablation's roots (root None)."""
         roots = stage(name).roots
-        variants: list[tuple[str, str | None]] = [(name, MAIN_ROOT)] if "main" in roots else []
+        variants: list[tuple[str, str | None]] = [(name, self.main_root)] if "main" in roots else []
         if any(r != "main" for r in roots):
             variants.append((f"ablation_{name}", None))
         return variants
@@ -600,6 +668,10 @@ class Workflow:
         found = {"src": [package_stamp()], "deps": files}  # the package as one input (package_stamp.py)
         if RUN_ROOT.match(root):
             found["params_file"] = [self.params_file(root)]
+        elif NAMED_ROOT.match(root):
+            # Written at parse time, only when it changes (write_run_params): the rules mark it ancient, so
+            # the params values a stage reads, not the file's mtime, decide what reruns (as for results/).
+            found["run_params"] = [self.params_file(root)]
         if merge and self.num_parts(name) > 1:
             found["parts"] = self.part_files(name, root)
         return found

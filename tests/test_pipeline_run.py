@@ -80,3 +80,22 @@ def test_disabled_tracking_starts_no_parent(tmp_path):
     p = fast_params()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     assert start_parent_run(tmp_path / "params.yaml", launcher="snakemake") is None
+
+
+def test_a_named_run_names_its_parent_and_tags_every_run(tmp_path, monkeypatch):
+    """`snakemake --config run=NAME` (workflow/rules/common.smk sets PORTRAITGEN_RUN for its jobs)."""
+    params_path = _params(tmp_path)
+    params = load_params(params_path)
+    monkeypatch.setenv("PORTRAITGEN_RUN", "lr-high")
+    monkeypatch.setenv("PORTRAITGEN_SYSTEM_METRICS", "0")
+    parent = start_parent_run(params_path, launcher="snakemake", run_name="lr-high")
+    monkeypatch.setenv(PARENT_ENV, parent)
+    tracker = Tracker(params.tracking, stage="train", active=True)
+    tracker.end()
+    end_parent_run(params_path, parent, "FINISHED")
+    client = MlflowClient(params.tracking.uri)
+    run = client.get_run(parent)
+    assert run.info.run_name == "lr-high (snakemake)" and run.data.tags["portraitgen.run"] == "lr-high"
+    child, = client.search_runs([run.info.experiment_id], "tags.`portraitgen.run` = 'lr-high' and "
+                                                          "tags.`portraitgen.stage` = 'train'")
+    assert child.data.tags["mlflow.parentRunId"] == parent

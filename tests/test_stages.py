@@ -42,6 +42,35 @@ def test_checksum_sidecars_are_outputs_beside_their_files():
     assert len(sidecars) == 5  # and no other stage declares one it never writes
 
 
+def test_a_named_run_moves_every_path_into_a_stage_folder_under_its_root():
+    import pytest
+
+    from portraitgen.stages import NAMED_ROOT, Workflow, named_run_params, named_run_root
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["curate"]["source"] = "photos/mine"  # user files stay
+    data["reward"]["options"] = {"ai_portrait": {"backend": "detector", "path": "results/precompute/detector"},
+                                 "omni": {"path": "results/detector"}}  # no stage makes results/detector
+    run = named_run_params(data, named_run_root("a"))
+    assert run["model"]["path"] == "results/runs/a/pretrain/model"
+    assert run["invert"]["manifest"] == "results/runs/a/curate/manifest.parquet"
+    assert run["bench"]["models"] == {**data["bench"]["models"], "trained": "results/runs/a/train"}
+    assert run["reward"]["options"]["ai_portrait"]["path"] == "results/runs/a/precompute/detector"
+    assert run["reward"]["options"]["omni"]["path"] == "results/detector"
+    assert run["curate"]["source"] == "photos/mine" and run["train"]["lr"] == data["train"]["lr"]
+    assert data["model"]["path"] == "results/pretrain/model"  # the input is left as it was
+    # The run's stages read one another's outputs under its root, and nothing of results/<stage>.
+    wf = Workflow(yaml.safe_load((REPO / "params.yaml").read_text()), run="a")
+    assert wf.main_root == "results/runs/a" and NAMED_ROOT.match(wf.main_root)
+    assert stage_inputs(stage("train"), wf.params("results/runs/a")) == [
+        "results/runs/a/invert/index.parquet", "results/runs/a/precompute/exemplar_rewards.parquet",
+        "results/runs/a/precompute/prompt_embeddings.safetensors", "results/runs/a/pretrain/metrics.json"]
+    assert Workflow({}).main_root == "results"
+    for bad in ("../x", "a/b", "", ".hidden"):
+        with pytest.raises(ValueError, match="run name"):
+            named_run_root(bad)
+
+
 def test_paths_into_a_stage_folder_depend_on_that_stage():
     assert producer("results/train")[1] == "results/train/final"  # a training output folder: its model
     assert producer("results/train/final/")[1] == "results/train/final"

@@ -738,3 +738,35 @@ def test_jobs_list_the_package_as_one_stamp(project):
     from portraitgen.package_stamp import package_digest
 
     assert (project / PACKAGE_STAMP).read_text().strip() == package_digest(project / "portraitgen")
+
+
+def _planned_outputs(dry_run_stdout: str) -> set[str]:
+    return {f.strip() for line in dry_run_stdout.splitlines() if line.strip().startswith("output:")
+            for f in line.strip().removeprefix("output:").split(", ")}
+
+
+def test_named_runs_write_side_by_side_and_the_default_run_is_unchanged(project, stub_env):
+    """`--config run=NAME`: every stage under results/runs/NAME, with params.yaml's paths into stage folders
+    moved there; without it, results/<stage>/ as ever."""
+    default = _planned_outputs(smk(project, "-n").stdout)
+    assert "results/train/final" in default and not any(p.startswith("results/runs/") for p in default)
+    for name in ("a", "b"):
+        planned = _planned_outputs(smk(project, "-n", "--config", f"run={name}").stdout)
+        assert {p.replace(f"results/runs/{name}/", "results/", 1) for p in planned} == default, name
+        run_params = yaml.safe_load((project / f"results/runs/{name}/params.yaml").read_text())
+        assert run_params["train"]["exemplars"]["index"] == f"results/runs/{name}/invert/index.parquet"
+        assert run_params["bench"]["models"]["trained"] == f"results/runs/{name}/train"
+    # A real run of each (the stub writes the declared outputs): side by side, nothing under results/<stage>.
+    env, calls = stub_env
+    for name in ("a", "b"):
+        smk(project, "--config", f"run={name}", env=env())
+        assert (project / f"results/runs/{name}/train/final/model.safetensors").exists()
+        assert calls()[-1]["args"][:5] == ["launch-train", "--params", f"results/runs/{name}/params.yaml",
+                                           "--out", f"results/runs/{name}/train"]
+    assert not (project / "results" / "train").exists()
+    assert "Nothing to be done" in smk(project, "-n", "--config", "run=a", env=env()).stdout
+    # Editing a training param rewrites the run's params file, yet reruns only what reads the param.
+    _edit_params(project, "train", "lr", 0.5)
+    assert _jobs(smk(project, "-n", "--config", "run=a", env=env()).stdout) == {"train", "bench", "all"}
+    bad = smk(project, "-n", "--config", "run=../x", check=False)
+    assert bad.returncode != 0 and "run name '../x'" in bad.stdout + bad.stderr

@@ -8,10 +8,11 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 from portraitgen.params_check import check_params
+from portraitgen.run_context import NAMED_RUN_ENV
 from portraitgen.stages import Workflow
 
 # Keys of the Snakemake config that are workflow options (`--config invert_parts=4`), not params.
-WORKFLOW_OPTIONS = ("curate_parts", "invert_parts", "precompute_parts", "bench_parts", "ablation")
+WORKFLOW_OPTIONS = ("curate_parts", "invert_parts", "precompute_parts", "bench_parts", "ablation", "run")
 
 # params.yaml is the Snakemake config (configfile: in workflow/Snakefile) and the file every stage
 # reads. Check it before the DAG is built, so a bad value stops the run before any job starts and before
@@ -40,10 +41,12 @@ _OWNED_PARENT = []
 def start_pipeline_run():
     if os.environ.get(PARENT_ENV):
         return
+    # A named run's parent is named and tagged after it (portraitgen.run), with the run's own params.
+    named = ["--run-name", WF.run] if WF.run else []
     try:
         proc = subprocess.run(
-            ["portraitgen", "mlflow-parent", "start", "--params", "params.yaml", "--launcher", "snakemake",
-             "--command-line", shlex.join(["snakemake", *sys.argv[1:]])],
+            ["portraitgen", "mlflow-parent", "start", "--params", WF.params_file(WF.main_root),
+             "--launcher", "snakemake", *named, "--command-line", shlex.join(["snakemake", *sys.argv[1:]])],
             capture_output=True,
             text=True,
         )
@@ -76,11 +79,21 @@ def end_pipeline_run(status):
 # The functions below only turn the table's plain values into Snakemake objects.
 # `snakemake --config curate_parts=N` (invert_parts, precompute_parts, bench_parts) scatters a stage over
 # N part jobs, then gathers them; `--config ablation=FILE` names the ablation file (rules/ablation.smk).
-WF = Workflow(
-    {k: v for k, v in config.items() if k not in WORKFLOW_OPTIONS},
-    ablation_file=str(config.get("ablation", "ablation.yaml")),
-    parts={name: int(config.get(f"{name}_parts", 1)) for name in ("curate", "invert", "precompute", "bench")},
-)
+# `--config run=NAME` is a named run: the main rules write under results/runs/NAME instead of results/,
+# with params.yaml's paths into stage folders moved there (results/runs/NAME/params.yaml, written here,
+# only when it changes); two runs' outputs then live side by side (docs/workflow.md "Named runs").
+try:
+    WF = Workflow(
+        {k: v for k, v in config.items() if k not in WORKFLOW_OPTIONS},
+        ablation_file=str(config.get("ablation", "ablation.yaml")),
+        parts={name: int(config.get(f"{name}_parts", 1)) for name in ("curate", "invert", "precompute", "bench")},
+        run=config.get("run"),
+    )
+except ValueError as exc:
+    raise WorkflowError(f"--config run: {exc}")
+WF.write_run_params()
+if WF.run:  # every stage's MLflow run is tagged with it (portraitgen/run_context.py), local and cluster jobs
+    os.environ[NAMED_RUN_ENV] = WF.run
 
 
 # `root`: the results root of a rule, `results` for the main pipeline's; None for an ablation rule, whose
@@ -90,7 +103,10 @@ def stage_inputs(name, root=None, merge=True):
     other stages' outputs and user files), a run's params file, and for a merge job its part files."""
 
     def inputs(wildcards):
-        return WF.inputs(name, wildcards, root=root, merge=merge)
+        found = WF.inputs(name, wildcards, root=root, merge=merge)
+        if "run_params" in found:  # a named run's params file: its values are the triggers, not its mtime
+            found["run_params"] = [ancient(f) for f in found["run_params"]]
+        return found
 
     return inputs
 
