@@ -443,8 +443,14 @@ if args[0] == "curate":  # the curate stage's outputs and its (undeclared / pers
     (out / "cache").mkdir(exist_ok=True)
     (out / "cache" / f"entry-{{len(list((out / 'cache').iterdir()))}}").write_text("analysis")
     (out / "images" / "0123456789abcdef.png").write_text("crop")
-    for name in ("manifest.parquet", "manifest.parquet.sha256", "rejected.parquet", "report.html"):
+    for name in ("rejected.parquet", "report.html"):
         (out / name).write_text(name)
+    # A manifest that follows curate.max_blur, and its checksum sidecar as portraitgen/integrity.py writes it.
+    import hashlib, yaml
+    blur = yaml.safe_load(open(args[args.index("--params") + 1]))["curate"]["max_blur"]
+    (out / "manifest.parquet").write_text(f"manifest of max_blur={{blur}}")
+    digest = hashlib.sha256((out / "manifest.parquet").read_bytes()).hexdigest()
+    (out / "manifest.parquet.sha256").write_text(f"{{digest}}  manifest.parquet\\n")
     (out / "metrics.json").write_text(json.dumps({{"kept": 1}}))
     (out / "summary.json").write_text(json.dumps({{"kept": 1}}))
     with open(os.environ["PORTRAITGEN_STUB_LOG"], "a") as f:
@@ -770,3 +776,28 @@ def test_named_runs_write_side_by_side_and_the_default_run_is_unchanged(project,
     assert _jobs(smk(project, "-n", "--config", "run=a", env=env()).stdout) == {"train", "bench", "all"}
     bad = smk(project, "-n", "--config", "run=../x", check=False)
     assert bad.returncode != 0 and "run name '../x'" in bad.stdout + bad.stderr
+
+
+def test_dvc_checkout_and_exp_apply_restore_a_checksum_with_its_file(project, stub_env):
+    """A `.sha256` sidecar is a DVC output beside its file: going back to another version of the manifest
+    brings its checksum too, so its readers (portraitgen/integrity.py) never call a good file corrupt."""
+    from portraitgen.integrity import verify_file
+
+    env, _ = stub_env
+    manifest = project / "results" / "curate" / "manifest.parquet"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    dvc(project, "init", "-q")
+    dvc(project, "repro", env=env())  # every stage: `dvc checkout` and `exp apply` restore every output
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=project, check=True)
+    base = manifest.read_text()
+    dvc(project, "exp", "run", "-S", "curate.max_blur=0.5", "--name", "blur05", env=env())
+    assert manifest.read_text() == "manifest of max_blur=0.5" != base
+    subprocess.run(["git", "checkout", "-q", "HEAD", "--", "params.yaml", "dvc.lock"], cwd=project, check=True)
+    dvc(project, "checkout", env=env())  # the committed version: file and checksum
+    assert manifest.read_text() == base
+    verify_file(manifest, "test")
+    dvc(project, "exp", "apply", "blur05", env=env())  # the experiment's version: file and checksum
+    assert manifest.read_text() == "manifest of max_blur=0.5"
+    verify_file(manifest, "test")
