@@ -279,12 +279,18 @@ def test_rerun_after_adding_images_processes_only_the_new_ones(tmp_path):
     fresh = tmp_path / "fresh"
     run_curate(params, fresh, workers=1)
     assert (out / "manifest.parquet").read_bytes() == (fresh / "manifest.parquet").read_bytes()
-    # Thresholds are applied after the cache: changing one re-analyses nothing.
-    third = run_curate(_params(source=str(src), max_blur=0.01), out, workers=1)
-    assert (third["processed"], third["kept"], third["rejected_by_reason"]["blurry"]) == (0, 0, 5)
+    # Thresholds are applied after the cache: changing one re-analyses nothing. One that rejects every
+    # image is an error naming the counts (curate.min_kept), and the previous outputs stay as they were.
+    cache_before = {f: f.stat().st_mtime_ns for f in (out / "cache").rglob("*") if f.is_file()}
+    manifest_before = (out / "manifest.parquet").read_bytes()
+    with pytest.raises(CurateError, match=r"0 of 5 image\(s\) kept.*blurry 5"):
+        run_curate(_params(source=str(src), max_blur=0.01), out, workers=1)
+    assert {f: f.stat().st_mtime_ns for f in (out / "cache").rglob("*") if f.is_file()} == cache_before
+    assert (out / "manifest.parquet").read_bytes() == manifest_before
     # Crops are rendered for images that pass: none under a strict threshold, then on demand in the merge.
     strict = tmp_path / "strict"
-    run_curate(_params(source=str(src), max_blur=0.01), strict, workers=1)
+    with pytest.raises(CurateError):
+        run_curate(_params(source=str(src), max_blur=0.01), strict, workers=1)
     assert not list((strict / "cache").rglob("*[0-9a-f].png"))
     loose = run_curate(params, strict, workers=1)
     assert (loose["processed"], loose["kept"]) == (0, 5)
