@@ -776,6 +776,8 @@ def test_named_runs_write_side_by_side_and_the_default_run_is_unchanged(project,
     assert _jobs(smk(project, "-n", "--config", "run=a", env=env()).stdout) == {"train", "bench", "all"}
     bad = smk(project, "-n", "--config", "run=../x", check=False)
     assert bad.returncode != 0 and "run name '../x'" in bad.stdout + bad.stderr
+    both = smk(project, "-n", "ablation", "--config", "run=a", check=False)  # the ablation shares results/curate
+    assert both.returncode != 0 and "the ablation runs without `--config run=a`" in both.stdout + both.stderr
 
 
 def test_dvc_checkout_and_exp_apply_restore_a_checksum_with_its_file(project, stub_env):

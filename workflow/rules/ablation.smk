@@ -53,8 +53,7 @@ rule ablation_report:
         " > {log} 2>&1"
 
 
-# The ablation's target: `snakemake --cores N ablation`.
+# The ablation's target: `snakemake --cores N ablation` (never with a named run: rules/common.smk).
 rule ablation:
     input:
-        "results/ablation/bench/report.html",
-        "results/ablation/report/report.md",
+        ablation_targets,

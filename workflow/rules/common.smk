@@ -142,3 +142,14 @@ def part_output(name, root=None):
     """A part job's output: its part file (invert's part jobs write shards, and only a marker file)."""
     path = WF.part_pattern(name, root)
     return touch(path) if WF.part_is_marker(name) else path
+
+
+# The ablation's target (rules/ablation.smk). Its runs share the main pipeline's curation under results/,
+# which a named run (`--config run=NAME`) moves to results/runs/NAME: the two do not combine.
+def ablation_targets(wildcards):
+    if WF.run:
+        raise WorkflowError(
+            f"the ablation runs without `--config run={WF.run}`: its runs have their own roots "
+            "(results/ablation/<run>) and share the curation of results/curate"
+        )
+    return ["results/ablation/bench/report.html", "results/ablation/report/report.md"]
