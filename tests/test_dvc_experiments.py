@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from portraitgen.summary import headline, write_summary
 
@@ -112,6 +113,11 @@ def project(tmp_path):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "Snakefile"):
         shutil.copy2(REPO / name, dest / name)
+    # The baseline's lr must differ from both experiments' (0.01, 0.002), whatever params.yaml's default
+    # is: an experiment equal to the baseline would be restored from DVC's run cache, not rerun.
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["train"]["lr"] = 0.03
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(REPO / ".dvc", dest / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     (dest / "results").mkdir()
     shutil.copy2(REPO / "results" / "README.md", dest / "results" / "README.md")
