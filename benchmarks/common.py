@@ -300,6 +300,8 @@ def embedding_cache(path: Path, prompts: list[str], shapes: dict[str, tuple[int,
     per-prompt shapes: real-size text encoders (T5-XXL, Qwen3-4B) never need to exist for a benchmark."""
     from safetensors.torch import save_file
 
+    from portraitgen.integrity import write_checksum
+
     unique = list(dict.fromkeys(["", *prompts]))
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -311,6 +313,7 @@ def embedding_cache(path: Path, prompts: list[str], shapes: dict[str, tuple[int,
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"prompts": json.dumps(unique), "model_fingerprint": fingerprint,
                                             "family": family})
+    write_checksum(path)  # the trainer verifies the cache's sidecar before it reads it
     return path
 
 

@@ -44,7 +44,8 @@ def main() -> None:
     base = yaml.safe_load(Path(args.params).read_text())
     base["tracking"]["enabled"] = False
     k = 4
-    if args.quick:
+    if args.quick:  # the built-in tiny model: a fresh clone has no pretrained model yet
+        base["model"].update(family="sd3", path="builtin:tiny")
         base["model"]["resolution"], base["sample"]["num_steps"], k = 32, 4, 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
