@@ -75,6 +75,7 @@ Output folder (the contract that report.py, DVC and MLflow rely on):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -587,28 +588,33 @@ def merge(params: Params, models: Sequence[BenchModel], baseline: str, suite: Se
 
 
 # ---------------------------------------------------------------------------------------------- report
-def report_and_track(params: Params, out_dir: Path, summary: Mapping[str, Any], models: Sequence[BenchModel]) -> None:
-    """The report (report.py, when present) and the stage's MLflow run, which the report logs into."""
+def bench_run(params: Params, models: Sequence[BenchModel]):
+    """The stage's MLflow run (a context manager): opened before sampling, so its system metrics cover the
+    stage's work, not only the report."""
     settings = json.loads(json.dumps(dataclasses.asdict(params.bench)))  # tuples as lists: "[0, 1]"
     settings["models"] = {m.label: m.spec for m in models}  # what was benched (--model replaces bench.models)
     run_params = {f"bench.{k}": v for k, v in flatten(settings).items()}
     run_params.update({"model.family": params.model.family, "model.path": params.model.path,
                        "model.resolution": params.model.resolution})
-    with tracked(params.tracking, "bench", params=run_params,
-                 tags={"portraitgen.bench.suite": str(summary["suite"])}) as tracker:
-        try:
-            from .report import write_report
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.report":
-                raise
-            log.warning("bench: portraitgen/bench/report.py is not there yet: no report.html; metrics go to MLflow "
-                        "without it")
-            metrics = json.loads((out_dir / "metrics.json").read_text())
-            flat = {k: v for k, v in flatten({k: v for k, v in metrics.items() if k != "suite"}).items() if _finite(v)}
-            tracker.log_metrics({k.replace(".", "/"): v for k, v in flat.items()}, step=0)
-            tracker.log_artifact(out_dir / "metrics.json", "bench")
-        else:
-            write_report(out_dir, tracker)
+    return tracked(params.tracking, "bench", params=run_params,
+                   tags={"portraitgen.bench.suite": suite_name(params.bench.suite, params.bench.subset)})
+
+
+def write_bench_report(out_dir: Path, tracker) -> None:
+    """The report (report.py, when present), logged into the stage's run."""
+    try:
+        from .report import write_report
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.report":
+            raise
+        log.warning("bench: portraitgen/bench/report.py is not there yet: no report.html; metrics go to MLflow "
+                    "without it")
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+        flat = {k: v for k, v in flatten({k: v for k, v in metrics.items() if k != "suite"}).items() if _finite(v)}
+        tracker.log_metrics({k.replace(".", "/"): v for k, v in flat.items()}, step=0)
+        tracker.log_artifact(out_dir / "metrics.json", "bench")
+    else:
+        write_report(out_dir, tracker)
 
 
 # ---------------------------------------------------------------------------------------------- stage
@@ -631,46 +637,50 @@ def run_bench(params: Params, out_dir: str | Path, *, models: Mapping[str, str] 
     # A missing, stale or incomplete bench.prompt_embeddings fails here, before any model loads.
     caches = {} if merge_only else conditioning_sources(params, bench_models, open_prompt_embeddings(params, suite))
     out = open_output(out)
-    t_start = time.perf_counter()
-    if merge_only:
-        table, reward_info = read_parts(out, num_parts, fp, params_path)
-        timing: dict[str, float] = {}
-    else:
-        from ..rewards import RewardError, RewardSet
+    # A merge reads its parts first: a missing or stale part is an error before the stage's run opens.
+    parts_read = read_parts(out, num_parts, fp, params_path) if merge_only else None
+    # The stage's MLflow run is open during the work, so its system metrics cover sampling and scoring.
+    with bench_run(params, bench_models) if report and not parts.scattered else contextlib.nullcontext() as tracker:
+        t_start = time.perf_counter()
+        if parts_read is not None:
+            table, reward_info = parts_read
+            timing: dict[str, float] = {}
+        else:
+            from ..rewards import RewardError, RewardSet
 
-        try:
-            rewards = RewardSet(b.reward.components, options=b.reward.options)
-        except RewardError as exc:
-            raise BenchError(f"bench.reward: {exc}") from None
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        tables, reward_info, timing = [], {}, {"load": 0.0, "sample": 0.0, "score": 0.0}
-        for p in parts.to_run:
-            t, info, tm = run_part(params, bench_models, suite, rewards, out, part=p, num_parts=num_parts,
-                                   batch_size=batch_size, device=device, caches=caches)
-            reward_info.update(info)
-            timing = {k: timing[k] + tm[k] for k in timing}
-            if num_parts > 1:
-                write_part(out, p, num_parts, t, {"part": p, "num_parts": num_parts, "fingerprint": fp,
-                                                  "batch_size": batch_size,
-                                                  "reward_info": {k: list(v) for k, v in reward_info.items()}})
-            tables.append(t)
-        table = pd.concat(tables, ignore_index=True)
-        n = max(1, len(table) // len(b.seeds))  # (prompt, model) pairs
-        log.info("bench: %d images (%d prompts x %d models, %d seeds each) in %.1f s: %.2f s per prompt and model "
-                 "(sampling %.2f, scoring %.2f), %.1f s loading models", len(table), n // len(bench_models),
-                 len(bench_models), len(b.seeds), timing["sample"] + timing["score"],
-                 (timing["sample"] + timing["score"]) / n, timing["sample"] / n, timing["score"] / n, timing["load"])
-        if parts.scattered:
-            path = part_file(out, part, num_parts, "parquet")
-            log.info("bench part %d/%d: %d images -> %s", part, num_parts, len(table), path)
-            return {"part": part, "num_parts": num_parts, "images": len(table), "file": str(path), **timing}
-    summary = merge(params, bench_models, baseline, suite, table, reward_info, out)
-    summary.update({f"seconds_{k}": v for k, v in timing.items()})
-    if caches:
-        summary["prompt_conditioning"] = {label: str(c.path) if c is not None else "text encoders"
-                                          for label, c in caches.items()}
-    if report:
-        report_and_track(params, out, summary, bench_models)
-    summary["seconds_total"] = time.perf_counter() - t_start
-    log.info("bench: %s -> %s (%.1f s)", summary["suite"], out, summary["seconds_total"])
-    return summary
+            try:
+                rewards = RewardSet(b.reward.components, options=b.reward.options)
+            except RewardError as exc:
+                raise BenchError(f"bench.reward: {exc}") from None
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            tables, reward_info, timing = [], {}, {"load": 0.0, "sample": 0.0, "score": 0.0}
+            for p in parts.to_run:
+                t, info, tm = run_part(params, bench_models, suite, rewards, out, part=p, num_parts=num_parts,
+                                       batch_size=batch_size, device=device, caches=caches)
+                reward_info.update(info)
+                timing = {k: timing[k] + tm[k] for k in timing}
+                if num_parts > 1:
+                    write_part(out, p, num_parts, t, {"part": p, "num_parts": num_parts, "fingerprint": fp,
+                                                      "batch_size": batch_size,
+                                                      "reward_info": {k: list(v) for k, v in reward_info.items()}})
+                tables.append(t)
+            table = pd.concat(tables, ignore_index=True)
+            n = max(1, len(table) // len(b.seeds))  # (prompt, model) pairs
+            log.info("bench: %d images (%d prompts x %d models, %d seeds each) in %.1f s: %.2f s per prompt and model "
+                     "(sampling %.2f, scoring %.2f), %.1f s loading models", len(table), n // len(bench_models),
+                     len(bench_models), len(b.seeds), timing["sample"] + timing["score"],
+                     (timing["sample"] + timing["score"]) / n, timing["sample"] / n, timing["score"] / n, timing["load"])
+            if parts.scattered:
+                path = part_file(out, part, num_parts, "parquet")
+                log.info("bench part %d/%d: %d images -> %s", part, num_parts, len(table), path)
+                return {"part": part, "num_parts": num_parts, "images": len(table), "file": str(path), **timing}
+        summary = merge(params, bench_models, baseline, suite, table, reward_info, out)
+        summary.update({f"seconds_{k}": v for k, v in timing.items()})
+        if caches:
+            summary["prompt_conditioning"] = {label: str(c.path) if c is not None else "text encoders"
+                                              for label, c in caches.items()}
+        if tracker is not None:
+            write_bench_report(out, tracker)
+        summary["seconds_total"] = time.perf_counter() - t_start
+        log.info("bench: %s -> %s (%.1f s)", summary["suite"], out, summary["seconds_total"])
+        return summary
