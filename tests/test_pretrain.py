@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from portraitgen.config import params_from_dict
-from portraitgen.pretrain import artifacts, codec
+from portraitgen.pretrain import artifacts, augment, codec
 from portraitgen.pretrain.artifact_detector import DetectorSettings, load, train_detector
 from portraitgen.pretrain.faces import load_faces, split_faces
 from portraitgen.pretrain.model import build_pipeline, encode_prompts
@@ -95,8 +95,15 @@ def test_codec_runs_inside_the_sd3_pipeline_and_load_policy(tmp_path):
     from portraitgen.policies import load_policy
 
     pipe = build_pipeline(16, num_layers=1, width=32, shift=1.0, seed=0)
+    prompts = ["a portrait photo of a man", ""]
+    trained_on = encode_prompts(pipe, prompts)
     pipe.save_pretrained(str(tmp_path / "m"))
     loaded = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "m"))
+    # The conditioning the pretraining loop learns from is exactly what the saved model samples with
+    # (no text-encoder dropout at training time).
+    sampled_with = encode_prompts(loaded, prompts)
+    for key in ("prompt_embeds", "pooled_projections"):
+        assert torch.allclose(trained_on[key], sampled_with[key], atol=1e-5), key
     loaded.set_progress_bar_config(disable=True)
     images = loaded(prompt=["a portrait photo"], height=16, width=16, num_inference_steps=2, guidance_scale=2.0,
                     max_sequence_length=32, output_type="pt").images
@@ -107,6 +114,18 @@ def test_codec_runs_inside_the_sd3_pipeline_and_load_policy(tmp_path):
     assert cond["prompt_embeds"].shape[1] == 16 + 32  # the model's short CLIP and T5 windows
     x = torch.rand(2, 3, 16, 16)
     assert torch.allclose(policy.decode(policy.encode(x)), x, atol=1e-3)
+
+
+def test_pretraining_views_keep_the_face_layout(faces16):
+    img = faces16[0].image
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        view = augment.augment(img, rng, geometric=False)
+        # Flipped or not, then brightness/contrast only: an affine function of one of the two layouts.
+        best = max(np.corrcoef(view.ravel(), ref.ravel())[0, 1] for ref in (img, img[:, :, ::-1]))
+        assert view.shape == img.shape and best > 0.99
+    warped = [augment.augment(img, rng) for _ in range(8)]  # the detector's views do move the face
+    assert min(max(np.corrcoef(v.ravel(), ref.ravel())[0, 1] for ref in (img, img[:, :, ::-1])) for v in warped) < 0.99
 
 
 def test_planted_artifacts_change_the_face_and_only_where_meant(faces16):

@@ -42,18 +42,26 @@ def build_pipeline(resolution: int, num_layers: int, width: int, shift: float, s
     torch.manual_seed(seed)
     clip_tok, t5_tok = clip_tokenizer(CLIP_TOKENS), t5_tokenizer(T5_TOKENS)
     clip_cfg = clip_config(clip_tok)
-    return StableDiffusion3Pipeline(
+    pipe = StableDiffusion3Pipeline(
         transformer=build_transformer(resolution, num_layers, width),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=pixel_codec_vae(),
         text_encoder=CLIPTextModelWithProjection(clip_cfg), tokenizer=clip_tok,
         text_encoder_2=CLIPTextModelWithProjection(clip_cfg), tokenizer_2=clip_tok,
         text_encoder_3=T5EncoderModel(t5_config(t5_tok)), tokenizer_3=t5_tok)
+    # Models built from a config start in training mode; T5's dropout (0.1) would then perturb every
+    # prompt embedding the pretraining loop learns from, while the saved model, loaded in eval mode,
+    # samples with clean ones: the conditioning it was trained on would never be seen again.
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae):
+        encoder.eval()
+    return pipe
 
 
 @torch.no_grad()
 def encode_prompts(pipeline: StableDiffusion3Pipeline, prompts: list[str], batch: int = 64) -> dict[str, torch.Tensor]:
     """``prompt_embeds`` ``[N, CLIP_TOKENS + T5_TOKENS, TEXT_WIDTH]`` and ``pooled_projections`` ``[N, TEXT_WIDTH]``,
-    exactly as the pipeline (and ``SD3Policy``) computes them."""
+    exactly as the pipeline (and ``SD3Policy``) computes them: the text encoders in eval mode (no dropout)."""
+    for encoder in (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3):
+        encoder.eval()
     embeds, pooled = [], []
     for i in range(0, len(prompts), batch):
         e, _, p, _ = pipeline.encode_prompt(prompt=prompts[i:i + batch], prompt_2=None, prompt_3=None,

@@ -44,7 +44,9 @@ from .faces import load_faces, source_digest, split_faces
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when what the stage makes from the same inputs changes: existing outputs are rebuilt
+# Bump when what the stage makes from the same inputs changes: existing outputs are rebuilt.
+# 2: prompt embeddings computed without T5 dropout (model.build_pipeline).
+FORMAT = 2
 MODEL_DIR = "model"
 DETECTOR_DIR = "artifact_detector"
 MODEL_KEY = "pretrain_key.json"

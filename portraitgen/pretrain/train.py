@@ -1,7 +1,8 @@
 """The pretraining loop: rectified flow on augmented real faces, a share of them with the planted artifact.
 
 Per step: ``batch_size`` views (a random training face, the artifact planted with probability
-``artifact.fraction``, then augmented), one of the face's captions each (or the empty prompt with
+``artifact.fraction``, then flipped and jittered in brightness and contrast, its layout kept:
+:mod:`.augment`), one of the face's captions each (or the empty prompt with
 probability ``caption_dropout``), latents ``x0`` from the pixel codec, ``sigma`` from a logit-normal
 distribution (``sigmoid(N(0, 1))``: most steps at mid noise, where faces take shape),
 ``x_t = (1 - sigma) x0 + sigma * noise`` and the loss ``|v(x_t, sigma) - (noise - x0)|^2`` (the
@@ -70,7 +71,7 @@ def sample_views(data: TrainingData, n: int, s: TrainSettings, rng: np.random.Ge
         if rng.random() < s.artifact_fraction:
             img = plant(img, s.artifact_kind, rng)
             planted += 1
-        images.append(augment(img, rng))
+        images.append(augment(img, rng, geometric=False))
         ids = data.caption_ids[i]
         rows.append(data.empty_id if rng.random() < s.caption_dropout else ids[int(rng.integers(len(ids)))])
     return torch.from_numpy(np.stack(images)), torch.tensor(rows), planted
