@@ -1,5 +1,5 @@
 """SIGKILL in a stage, then a rerun: the outputs are those of an uninterrupted run (issue 15, item 8).
-Training's own kill-and-resume test is tests/test_distributed_resume.py; these cover invert and curate.
+Training's own kill-and-resume test is tests/test_distributed_resume.py; these cover invert, curate and bench.
 A killed stage leaves its output lock behind: the rerun takes it over (portraitgen/locking.py)."""
 from __future__ import annotations
 
@@ -117,3 +117,30 @@ def test_curate_killed_then_rerun_matches_an_uninterrupted_run(tmp_path):
         assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     ref_images = {p.name: p.read_bytes() for p in (tmp_path / "ref" / "images").iterdir()}
     assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == ref_images
+
+
+def test_bench_killed_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    import json
+
+    from portraitgen.bench.suite import load_suite
+
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("".join(json.dumps({"id": p.id, "prompt": p.prompt, "categories": ",".join(p.categories)}) + "\n"
+                             for p in load_suite("builtin:v1", "full")[:16]))
+    params = write_params(tmp_path / "params.yaml", **{
+        "model.path": "builtin:tiny", "bench.suite": str(suite), "bench.subset": "full", "bench.seeds": [0, 1],
+        "bench.num_steps": 4, "bench.bootstrap": 200, "bench.reference": "builtin:portraits",
+        "bench.prompt_embeddings": "", "bench.models": {"base": "base", "same": "base"}})
+    cmd = ["bench", "--params", params, "--batch-size", "2"]
+    _run(_cli(*cmd, "--out", tmp_path / "ref"))
+    out = tmp_path / "killed"
+    killed = _kill_when(_cli(*cmd, "--out", out),
+                        lambda: (out / "images").is_dir() and len(list((out / "images").rglob("*.png"))) >= 8)
+    assert killed, "bench finished before it could be killed"
+    assert not (out / "scores.parquet").exists() and lock_path(out).exists()
+    _run(_cli(*cmd, "--out", out))
+    for name in ("scores.parquet", "comparisons.parquet", "per_category.parquet", "set_metrics.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / name), pd.read_parquet(tmp_path / "ref" / name),
+                                      check_exact=False, rtol=1e-9)
+    ref_images = {p.relative_to(tmp_path / "ref"): p.read_bytes() for p in (tmp_path / "ref" / "images").rglob("*.png")}
+    assert {p.relative_to(out): p.read_bytes() for p in (out / "images").rglob("*.png")} == ref_images
