@@ -130,3 +130,21 @@ def screenshot(binary: str, page: Path, out: Path, *, size: tuple[int, int] = (1
     if not out.is_file():
         raise RuntimeError(f"chromium --screenshot wrote nothing (exit {res.returncode}): {res.stderr[-2000:]}")
     return out
+
+
+def undecoded_images(binary: str, page: Path, *, timeout: float = 60) -> tuple[int, list[str]]:
+    """``(images, broken)`` of ``page`` as the browser rendered it: how many <img> it holds and the src of
+    each one that did not decode. The report pages carry no script, so a probe page beside ``page`` loads
+    it in a frame and writes the answer into its own DOM."""
+    import json
+
+    probe = page.parent / "probe.html"
+    probe.write_text("<!doctype html><html><body><iframe id='f' src='" + page.name + "' width='1200' height='800'>"
+                     "</iframe><pre id='out'>pending</pre><script>document.getElementById('f').onload = function () {"
+                     "var imgs = Array.from(this.contentDocument.images);"
+                     "document.getElementById('out').textContent = JSON.stringify({n: imgs.length, broken: imgs"
+                     ".filter(function (i) { return !i.complete || i.naturalWidth === 0; })"
+                     ".map(function (i) { return i.getAttribute('src'); })});};</script></body></html>")
+    dom = dump_dom(binary, probe, extra=("--allow-file-access-from-files",), timeout=timeout)
+    result = json.loads(dom.split("<pre id=\"out\">")[1].split("</pre>")[0])
+    return result["n"], result["broken"]

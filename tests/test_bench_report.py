@@ -285,7 +285,7 @@ def test_mlflow_gets_metrics_table_and_report(report, tmp_path, monkeypatch):
 
 
 def test_chromium_renders_the_report(report, tmp_path):
-    from browser import chromium_or_skip, dump_dom, screenshot
+    from browser import chromium_or_skip, dump_dom, screenshot, undecoded_images
 
     binary = chromium_or_skip()
     dom = dump_dom(binary, report)
@@ -294,18 +294,8 @@ def test_chromium_renders_the_report(report, tmp_path):
     assert [line for _, line in page.verdicts] == EXPECTED_VERDICTS
     assert len([a for a, _ in page.cells if a.get("data-baseline")]) > 0
     assert len(page.imgs) >= 3 * 4 + 3 and all((report.parent / s).is_file() for s in page.imgs)
-    # Did the browser decode every image? A probe page (the report itself has no script) loads the report
-    # in a frame and writes the broken images into its own DOM.
-    probe = report.parent / "probe.html"
-    probe.write_text("<!doctype html><html><body><iframe id='f' src='report.html' width='1200' height='800'></iframe>"
-                     "<pre id='out'>pending</pre><script>document.getElementById('f').onload = function () {"
-                     "var imgs = Array.from(this.contentDocument.images);"
-                     "document.getElementById('out').textContent = JSON.stringify({n: imgs.length, broken: imgs"
-                     ".filter(function (i) { return !i.complete || i.naturalWidth === 0; })"
-                     ".map(function (i) { return i.getAttribute('src'); })});};</script></body></html>")
-    out = dump_dom(binary, probe, extra=("--allow-file-access-from-files",))
-    result = json.loads(out.split("<pre id=\"out\">")[1].split("</pre>")[0])
-    assert result["n"] == len(page.imgs) and result["broken"] == []
+    # Did the browser decode every image?
+    assert undecoded_images(binary, report) == (len(page.imgs), [])
     shot = Image.open(screenshot(binary, report, tmp_path / "report.png")).convert("L")
     pixels = np.asarray(shot, dtype=float)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # text and images, not a blank page
