@@ -1,5 +1,5 @@
 """SIGKILL in a stage, then a rerun: the outputs are those of an uninterrupted run (issue 15, item 8).
-Training's own kill-and-resume test is tests/test_distributed_resume.py; these cover invert, curate and bench.
+Training's own kill-and-resume test is tests/test_distributed_resume.py; these cover invert, curate, precompute and bench.
 A killed stage leaves its output lock behind: the rerun takes it over (portraitgen/locking.py)."""
 from __future__ import annotations
 
@@ -144,3 +144,25 @@ def test_bench_killed_then_rerun_matches_an_uninterrupted_run(tmp_path):
                                       check_exact=False, rtol=1e-9)
     ref_images = {p.relative_to(tmp_path / "ref"): p.read_bytes() for p in (tmp_path / "ref" / "images").rglob("*.png")}
     assert {p.relative_to(out): p.read_bytes() for p in (out / "images").rglob("*.png")} == ref_images
+
+
+def test_precompute_killed_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    manifest = make_manifest(tmp_path / "curate", n=96, size=32)
+    overrides = {"invert.manifest": str(manifest), "model.path": "builtin:tiny",
+                 "reward.components": {"brightness": 1.0, "jpeg_compressibility": 0.5}}
+    params = write_params(tmp_path / "params.yaml", **overrides)
+    _run(_cli("precompute", "--params", params, "--out", tmp_path / "ref"))
+    out = tmp_path / "killed"
+    store = out / "cache" / "embeddings"
+    # Killed once the prompt embeddings are stored, while the exemplars' rewards are being scored.
+    killed = _kill_when(_cli("precompute", "--params", params, "--out", out),
+                        lambda: store.is_dir() and any(store.glob("*.sha256")))
+    assert killed, "precompute finished before it could be killed"
+    assert not (out / "exemplar_rewards.parquet").exists()
+    _run(_cli("precompute", "--params", params, "--out", out))
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "exemplar_rewards.parquet"),
+                                  pd.read_parquet(tmp_path / "ref" / "exemplar_rewards.parquet"))
+    got, ref = (load_file(str(o / "prompt_embeddings.safetensors")) for o in (out, tmp_path / "ref"))
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
