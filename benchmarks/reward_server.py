@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,15 +31,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, Report, images_at, machine  # noqa: E402
 
+from portraitgen.launch import free_port  # noqa: E402
+
 import torch  # noqa: E402
 
 CLASSIC = ["omni_classic", "ai_portrait_classic", "jpeg_compressibility"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(params: Path, port: int, log: Path, max_batch: int, max_wait_ms: float, threads: int):
@@ -100,7 +95,7 @@ def main() -> int:
     options = {n: ({"model_path": args.vlm, "image_size": min(args.resolution, 448)} if n.endswith("_vlm") else {})
                for n in args.rewards}
     work = Path(tempfile.mkdtemp(prefix="reward-server-bench-"))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     served = {n: {**o, "server": {"url": url, "encoding": args.encoding}} for n, o in options.items()}
     (work / "params.yaml").write_text(yaml.safe_dump({"reward": {"components": {n: 1.0 for n in args.rewards},

@@ -108,7 +108,8 @@ def _scontrol_hostnames(nodelist: str) -> list[str]:
     return proc.stdout.split()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback address that was free a moment ago (for a rendezvous or a local server)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -199,7 +200,7 @@ def plan_launch(env: Mapping[str, str] | None = None, *, num_processes: int = 0,
             # Every node must pick the same port without talking to the others.
             port = 20000 + job_id % 20000 if job_id is not None else DEFAULT_PORT
         else:
-            port = _free_port()  # two single-node jobs sharing a machine must not collide
+            port = free_port()  # two single-node jobs sharing a machine must not collide
     return Layout(per_node, nodes, rank, gpus, source, address, port)
 
 

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,15 +10,10 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from portraitgen.launch import free_port
 from portraitgen.policies import tiny_model_path
 
 from helpers import PYTHON_BIN, write_params
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():
@@ -45,7 +39,7 @@ def test_two_processes_give_the_same_first_step_advantages(tmp_path):
     # (`--multi_gpu`); `--cpu` alone launches a single process unless MPI is installed.
     two = subprocess.run([str(PYTHON_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--main_process_port", str(_free_port()), "-m", "portraitgen", "train",
+                          "--main_process_port", str(free_port()), "-m", "portraitgen", "train",
                           "--params", str(params), "--out", str(tmp_path / "two")],
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,15 +17,11 @@ import requests
 import torch
 import yaml
 
+from portraitgen.launch import free_port
+
 from helpers import REPO, fast_params
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -100,7 +95,7 @@ def _remote(reward: dict, url: str, **settings) -> dict:
 @pytest.fixture(scope="module")
 def scoring_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reward-server")
-    port = _free_port()
+    port = free_port()
     params = folder / "params.yaml"
     params.write_text(yaml.safe_dump({"reward": _remote(REWARD, f"http://127.0.0.1:{port}")}))
     server = Server(params, port, folder / "server.log", "--max-batch", "64", "--max-wait-ms", "1500")
@@ -202,7 +197,7 @@ def test_unreachable_server_fails_with_its_url_after_the_wait_budget():
     from portraitgen.rewards import RewardSet
     from portraitgen.rewards.remote import RewardServerError
 
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     with pytest.raises(RewardServerError, match=f"reward server {url} is unreachable"):
         RewardSet({"brightness": 1.0}, options={"brightness": {"server": {"url": url, "wait_s": 1.5, "backoff_s": 0.2}}})
@@ -232,7 +227,7 @@ def test_server_killed_mid_training_stops_naming_the_url_and_the_run_resumes_exa
     torch.set_num_threads(1)
     GRPOTrainer(params_from_dict(_training(tmp_path, None)), tmp_path / "local").run()  # uninterrupted, in process
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(_training(tmp_path, url)))
@@ -262,7 +257,7 @@ def test_server_killed_mid_training_stops_naming_the_url_and_the_run_resumes_exa
 
 
 def test_serve_while_runs_a_command_against_the_server_then_stops(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"reward": {"components": {"brightness": 1.0},
