@@ -213,6 +213,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 2 if problems else 0
 
 
+def cmd_kept_outputs(args: argparse.Namespace) -> int:
+    from . import kept_outputs
+
+    state = Path(args.state)
+    if args.action == "save":
+        kept = kept_outputs.save(args.outputs, state)
+        print(f"kept {len(kept.kept)} output(s) in {state}" + (f" ({len(kept.copied)} copied: no hard links)"
+                                                                 if kept.copied else ""))
+    elif args.action == "restore":
+        restored = kept_outputs.restore(state)
+        for out in restored:
+            print(f"restored {out} (the last good output, with its provenance)")
+        if not restored:
+            print(f"nothing to restore from {state}")
+    elif args.action == "drop":
+        kept_outputs.drop(state)
+    else:
+        for out in kept_outputs.listed(state):
+            print(out)
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     import json
 
@@ -416,6 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"],
                     help="end: the parent run's final status")
     mp.set_defaults(func=cmd_mlflow_parent)
+
+    ko = sub.add_parser("kept-outputs", help="the previous good outputs a Snakemake run keeps until their "
+                                             "replacements exist (portraitgen/kept_outputs.py)")
+    ko.add_argument("action", choices=["list", "save", "restore", "drop"],
+                    help="list the kept outputs; save OUTPUTS; restore the missing ones (the Snakefile's "
+                         "onerror does it; by hand after a killed snakemake); drop those that exist again")
+    ko.add_argument("outputs", nargs="*", help="save: the outputs to keep (paths as Snakemake declares them)")
+    ko.add_argument("--state", default=".snakemake/kept-outputs",
+                    help="where kept copies live (default: .snakemake/kept-outputs)")
+    ko.set_defaults(func=cmd_kept_outputs)
 
     ck = sub.add_parser("check", help="every check a pipeline makes before its first job: one line per problem "
                                       "(portraitgen/params_check.py); exit 2 when there is one")

@@ -658,6 +658,19 @@ class Workflow:
         s, base = stage(name), root or "{root}"
         return {o.name: (f"{base}/{s.folder}/{o.path}", o.directory) for o in s.outputs if not o.persist}
 
+    def declared_outputs(self) -> list[str]:
+        """Every declared output of every stage rule, concrete paths: the main rules' under the
+        invocation's root, the ablation rules' under each root of the ablation file's runs (none without
+        one). What the Snakefile keeps until a run replaces it (portraitgen/kept_outputs.py)."""
+        roots = {"main": [self.main_root], "run": [f"{ABLATION_ROOT}/{r}" for r in self.ablation_runs()],
+                 "ablation": [ABLATION_ROOT] if self.ablation_runs() else []}
+        found = []
+        for s in STAGES:
+            for kind in s.roots:
+                for root in roots[kind]:
+                    found += [path for path, _ in self.outputs(s.name, root).values()]
+        return found
+
     def inputs(self, name: str, wildcards: Any, *, root: str | None = None, merge: bool = True
                ) -> dict[str, list[str]]:
         s = stage(name)

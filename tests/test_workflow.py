@@ -555,20 +555,29 @@ def test_snakemake_keeps_checkpoints_and_reruns_only_on_params(project, stub_env
               "train:fp32_frozen_weights=1", env=env())
     assert "Nothing to be done" in dry.stdout, dry.stdout
 
-    # A training setting does; the rerun fails after writing a checkpoint: Snakemake drops the
-    # declared outputs but the checkpoints survive, and the next run resumes from both.
+    # A training setting does; the rerun fails after writing a checkpoint. Snakemake deletes the declared
+    # outputs before the job and after its failure; the Snakefile's hooks put the last good ones back
+    # (portraitgen/kept_outputs.py), with their provenance, so the next run still redoes train.
+    old_weights = (train / "final" / "model.safetensors").read_text()
+    assert "lr: 0.5" not in old_weights
     _edit_params(project, "train", "lr", 0.5)
     failed = smk(project, env=env(PORTRAITGEN_STUB_FAIL="1"), check=False)
     assert failed.returncode != 0
     assert re.search(r"rule train:.*?reason: Params have changed", failed.stdout + failed.stderr, re.S)
-    assert not any((train / name).exists() for name in ("final", "metrics.json", "metrics.jsonl"))
+    assert "kept-outputs: restored results/train/final" in failed.stdout
+    assert (train / "final" / "model.safetensors").read_text() == old_weights  # the last good model
+    assert json.loads((train / "metrics.json").read_text()) == {"reward_mean": 0.5}
     assert sorted(p.name for p in (train / "checkpoints").iterdir()) == ["ckpt-0", "ckpt-1"]
+    dry = smk(project, "-n", env=env())
+    assert re.search(r"rule train:.*?reason: Params have changed", dry.stdout, re.S), dry.stdout
 
     smk(project, env=env())
     last = calls()[-1]
     assert last["resumed_from"] == ["ckpt-0", "ckpt-1"]
     assert last["final_existed"] is False
-    assert (train / "metrics.json").exists()
+    assert "lr: 0.5" in (train / "final" / "model.safetensors").read_text()
+    assert not (project / ".snakemake" / "kept-outputs").exists()  # the run succeeded: nothing kept
+    assert "Nothing to be done" in smk(project, "-n", env=env()).stdout
 
 
 def test_dvc_repro_keeps_checkpoints(project, stub_env):

@@ -73,6 +73,46 @@ def end_pipeline_run(status):
             print(f"MLflow parent run {run_id} not closed: {exc}")
 
 
+# --- The last good outputs (portraitgen/kept_outputs.py) -------------------------------------------
+# Snakemake deletes a job's outputs before it runs and when it fails. `onstart` links every declared
+# output that exists (with its provenance record) into .snakemake/kept-outputs; `onerror` puts back those
+# that are missing then, so a failed train job leaves the last good model, and the next run still redoes
+# the failed job; `onsuccess` drops the copies.
+def _file_persistence():
+    # The records to restore are files under .snakemake/metadata only with Snakemake's default backend.
+    backend = str(getattr(workflow.workflow_settings, "persistence_backend", "file")).lower()
+    return backend.endswith("file")
+
+
+def keep_outputs():
+    from portraitgen import kept_outputs
+
+    if not _file_persistence():
+        print("kept-outputs: off under --persistence-backend db (its provenance records are not files): a "
+              "failed job's previous outputs are not restored")
+        return
+    kept = kept_outputs.save(WF.declared_outputs())
+    if kept.copied:
+        print(f"kept-outputs: {len(kept.copied)} output(s) copied, not linked (another file system?): "
+              + ", ".join(kept.copied[:5]))
+
+
+def restore_outputs():
+    from portraitgen import kept_outputs
+
+    if not _file_persistence():
+        return
+    for out in kept_outputs.restore():
+        print(f"kept-outputs: restored {out}: the last good output, until a run replaces it")
+
+
+def drop_kept_outputs():
+    from portraitgen import kept_outputs
+
+    if _file_persistence():
+        kept_outputs.drop()
+
+
 # --- The stage table (portraitgen/stages.py) ------------------------------------------------------
 # Every rule takes its inputs, outputs, params, resources and command from the package's stage table,
 # the one dvc.yaml is generated from (`portraitgen dvc-yaml`): nothing about a stage is written twice.
