@@ -70,3 +70,14 @@ def test_site_settings_are_documented_with_examples():
         assert example in text, example
     profile = yaml.safe_load(text)
     assert "slurm_account" not in profile["default-resources"]  # a placeholder is never submitted
+
+
+def test_ablation_rules_and_the_reward_server_are_sized_like_their_stages():
+    profile = yaml.safe_load(PROFILE.read_text())
+    threads, resources = profile["set-threads"], profile["set-resources"]
+    for stage in ("invert", "precompute", "train", "bench"):  # the ablation's twins of the stage rules
+        assert threads[f"ablation_{stage}"] == threads[stage], stage
+        assert resources[f"ablation_{stage}"] == resources[stage], stage
+    server = resources["reward_server"]  # workflow/rules/reward_server.smk asks for a GPU
+    assert server["slurm_partition"] == "gpu" and server["gpu"] == 1 and threads["reward_server"] >= 4
+    assert server["runtime"] >= resources["train"]["runtime"]  # it serves a whole training job
