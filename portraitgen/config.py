@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
 
@@ -613,9 +613,27 @@ def uses_detector(name: str, options: dict[str, Any]) -> bool:
     return name == "ai_portrait_detector" or (name == "ai_portrait" and options.get("backend") == "detector")
 
 
-def reward_config_hash(params: Params) -> str:
-    """The reward settings an exemplar reward table was made with (precompute writes it, training checks it)."""
-    from .rewards.remote import without_server_keys  # scored in process or by a reward server: the same scores
+SERVER_KEY = "server"  # the option that makes a reward component remote; never part of its config hash
 
+
+def scoring_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A component's options without the ``server`` key: what the reward itself is built from."""
+    return {k: v for k, v in dict(options or {}).items() if k != SERVER_KEY}
+
+
+def without_server_keys(reward_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``params.reward`` as a dict with every ``options.<name>.server`` dropped: scoring through a server
+    or in process computes the same scores, so caches and fingerprints must not tell them apart."""
+    out = dict(reward_cfg)
+    if isinstance(out.get("options"), Mapping):
+        # An entry left empty goes too: no options and empty options build the same reward.
+        out["options"] = {n: scoring_options(o) if isinstance(o, Mapping) else o for n, o in out["options"].items()
+                          if not (isinstance(o, Mapping) and not scoring_options(o))}
+    return out
+
+
+def reward_config_hash(params: Params) -> str:
+    """The reward settings an exemplar reward table was made with (precompute writes it, training checks it);
+    scored in process or by a reward server: the same scores, the same hash."""
     cfg = {"reward": without_server_keys(dataclasses.asdict(params.reward)), "resolution": params.model.resolution}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -100,7 +100,7 @@ def _exists_or_made(path: str) -> bool:
 def target_errors(params) -> list[str]:
     """What the params point at: model folder, data and files, reward components and their files."""
     from . import rewards  # importing the package registers the built-in rewards
-    from .rewards.registry import _REGISTRY, available_rewards
+    from .rewards.registry import available_rewards, reward_factory
     from .stages import STAGES, stage_inputs
 
     del rewards
@@ -126,7 +126,8 @@ def target_errors(params) -> list[str]:
             lines.append(f"{stage.name} reads {path!r} (named in params): not found")
     for section, cfg in (("reward", params.reward), ("bench.reward", params.bench.reward)):
         for name in cfg.components:
-            if name not in _REGISTRY:
+            factory = reward_factory(name)
+            if factory is None:
                 close = difflib.get_close_matches(name, available_rewards(), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 lines.append(f"{section}.components.{name}: unknown reward{hint}; available: "
@@ -134,7 +135,7 @@ def target_errors(params) -> list[str]:
                 continue
             options = dict((cfg.options or {}).get(name) or {})
             remote = options.pop("server", None) is not None  # scored by a reward server, which holds the files
-            sig = inspect.signature(_REGISTRY[name])
+            sig = inspect.signature(factory)
             takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
             for opt, value in options.items():
                 if not takes_any and opt not in sig.parameters:

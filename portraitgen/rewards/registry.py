@@ -73,6 +73,11 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def reward_factory(name: str) -> Callable[..., Reward] | None:
+    """The registered factory of ``name`` (its signature lists the reward's options), or None."""
+    return _REGISTRY.get(name)
+
+
 def build_reward(name: str, **kwargs) -> Reward:
     if name not in _REGISTRY:
         raise RewardError(f"unknown reward {name!r} (reward.components in params); available: "

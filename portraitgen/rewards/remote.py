@@ -47,11 +47,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+# What a component's options say about servers belongs to the params (portraitgen/config.py); re-exported.
+from ..config import SERVER_KEY, scoring_options, without_server_keys  # noqa: F401
 from .registry import PartsReward, RewardError, register_remote
 
 log = logging.getLogger(__name__)
 
-SERVER_KEY = "server"  # the option that makes a component remote; never part of its config hash
 ENCODINGS = ("uint8", "float32", "png")
 PROTOCOL = 1
 
@@ -61,26 +62,10 @@ class RewardServerError(RewardError):
 
 
 # ------------------------------------------------------------------------------------------ config
-def scoring_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A component's options without the ``server`` key: what the reward itself is built from."""
-    return {k: v for k, v in dict(options or {}).items() if k != SERVER_KEY}
-
-
 def component_config_hash(name: str, options: Mapping[str, Any] | None) -> str:
     """The hash a client and a server compare: the reward's name and its scoring options."""
     text = json.dumps({"reward": name, "options": scoring_options(options)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def without_server_keys(reward_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``params.reward`` as a dict with every ``options.<name>.server`` dropped: scoring through a server
-    or in process computes the same scores, so caches and fingerprints must not tell them apart."""
-    out = dict(reward_cfg)
-    if isinstance(out.get("options"), Mapping):
-        # An entry left empty goes too: no options and empty options build the same reward.
-        out["options"] = {n: scoring_options(o) if isinstance(o, Mapping) else o for n, o in out["options"].items()
-                          if not (isinstance(o, Mapping) and not scoring_options(o))}
-    return out
 
 
 @dataclass(frozen=True)
