@@ -47,8 +47,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-# What a component's options say about servers belongs to the params (portraitgen/config.py); re-exported.
-from ..config import SERVER_KEY, scoring_options, without_server_keys  # noqa: F401
+# What a component's options say about servers belongs to the params (portraitgen/config.py).
+from ..config import SERVER_KEY, scoring_options
 from .registry import PartsReward, RewardError, register_remote
 
 log = logging.getLogger(__name__)
