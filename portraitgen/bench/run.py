@@ -94,7 +94,7 @@ from tqdm.auto import tqdm
 from ..config import BENCH_LABEL_CHARS, BENCH_RESERVED_LABELS, Params, flatten
 from ..embeddings import EmbeddingCache, EmbeddingCacheError, encode_one
 from ..io import atomic_write, atomic_write_text
-from ..rewards.remote import without_server_keys
+from ..config import without_server_keys
 from ..stage import Parts, open_output, part_command, part_file, tracked
 from .compare import ID_COLUMNS, compare_pairs, feature_distance, per_category
 from .metrics import (FEATURE_NAMES, RAW_KEYS, ArtifactThresholds, FeatureScaler, analyse_image, diversity,
