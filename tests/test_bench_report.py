@@ -174,7 +174,15 @@ def test_grids_show_each_model_and_worst_cases_the_flagged_images(report):
     block = grids[grids.index('data-prompt-id="p003"'):].split("grid-block")[0]
     assert all(f"{m} p003 seed 1" in block for m in MODELS)
     grid_pngs = sorted((report.parent / "report_assets" / "grids").glob("*.png"))
-    assert len(grid_pngs) == 4 and Image.open(grid_pngs[0]).width > 3 * 24
+    assert len(grid_pngs) == 4
+    # 24 px images are enlarged by whole pixels, so each model's label and score fit under its tile:
+    # tiles of 240 px (x10), not 24 px ones whose labels overlap.
+    sheet = np.asarray(Image.open(grid_pngs[0]).convert("RGB"))
+    assert sheet.shape[1] >= 3 * 240
+    tile = sheet[22:22 + 240, 4:4 + 240]
+    assert (tile[::10, ::10].repeat(10, 0).repeat(10, 1) == tile).all()  # nearest neighbour: 10x10 blocks
+    thumb = next((report.parent / "report_assets" / "thumbs").rglob("*.jpg"))
+    assert max(Image.open(thumb).size) == 240
     worst = text[text.index('id="worst-cases"'):]
     oily = worst[worst.index('data-metric="artifact/oily"'):].split("</details>")[0]
     scores = pd.read_parquet(report.parent / "scores.parquet")

@@ -277,6 +277,19 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("._")[:60] or "x"
 
 
+def fit_thumbnail(im):
+    """``im`` scaled so its longest side is :data:`THUMB`: smaller with Lanczos, larger (a 24 px toy model's
+    images) by whole pixels with nearest neighbour, so labels fit under a tile and pixels stay honest."""
+    from PIL import Image
+
+    side = max(im.size)
+    if side > THUMB:
+        im.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
+        return im
+    k = THUMB // side
+    return im.resize((im.width * k, im.height * k), Image.Resampling.NEAREST) if k > 1 else im
+
+
 class Thumbs:
     """Thumbnails of the images the report shows, under report_assets/thumbs (one per image)."""
 
@@ -298,8 +311,7 @@ class Thumbs:
         src = self.b.dir / rel
         try:
             with Image.open(src) as im:
-                im = im.convert("RGB")
-                im.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
+                im = fit_thumbnail(im.convert("RGB"))
         except Exception as exc:  # a missing or unreadable image: a grey tile that says so
             log.warning("bench report: cannot read %s (%s)", src, exc)
             im = Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
@@ -695,8 +707,7 @@ def _composite(b: Bench, rows: list[dict], metric: str | None, out: Path) -> Pat
     for r in rows:
         try:
             with Image.open(b.dir / str(r["image"])) as im:
-                im = im.convert("RGB")
-                im.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
+                im = fit_thumbnail(im.convert("RGB"))
         except Exception:
             im = Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
         tiles.append(im)
