@@ -5,8 +5,9 @@
 - artifact rate: the share flagged by the planted-artifact detector (:mod:`.artifact_detector`).
 
 Samples are drawn with the diffusers ``StableDiffusion3Pipeline`` loaded from the saved folder (the
-same classes every stage loads), deterministic Euler steps with classifier-free guidance, on
-PortraitBench's CPU prompts (``builtin:v1``, subset ``cpu``), image ``i`` seeded by ``(seed, i)``.
+same classes every stage loads), deterministic Euler steps with classifier-free guidance as PortraitBench
+samples (the caller passes ``bench.num_steps`` and ``bench.guidance_scale``), on PortraitBench's CPU
+prompts (``builtin:v1``, subset ``cpu``), image ``i`` seeded by ``(seed, i)``.
 """
 from __future__ import annotations
 
@@ -16,10 +17,6 @@ import numpy as np
 import torch
 
 from ..faces import detect_faces
-
-SAMPLE_STEPS = 20
-SAMPLE_GUIDANCE = 4.5
-
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``[B, 3, H, W]`` in [0, 1] -> ``[B, H, W, 3]`` uint8."""
@@ -45,8 +42,8 @@ def sample_prompts(n: int) -> list[str]:
 
 
 @torch.no_grad()
-def sample_images(model_dir: str | Path, prompts: list[str], resolution: int, seed: int, batch: int = 16,
-                  num_steps: int = SAMPLE_STEPS, guidance_scale: float = SAMPLE_GUIDANCE) -> torch.Tensor:
+def sample_images(model_dir: str | Path, prompts: list[str], resolution: int, seed: int, *, num_steps: int,
+                  guidance_scale: float, batch: int = 16) -> torch.Tensor:
     """``[N, 3, R, R]`` in [0, 1]: one image per prompt."""
     from diffusers import StableDiffusion3Pipeline
 

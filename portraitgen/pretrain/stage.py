@@ -144,7 +144,8 @@ def _evaluate(params: Params, out: Path, faces, held_faces, seed: int) -> dict:
     r = params.pretrain
     det = load_detector(out / DETECTOR_DIR)
     start = time.perf_counter()
-    samples = sample_images(out / MODEL_DIR, sample_prompts(r.eval_samples), params.model.resolution, seed)
+    samples = sample_images(out / MODEL_DIR, sample_prompts(r.eval_samples), params.model.resolution, seed,
+                            num_steps=params.bench.num_steps, guidance_scale=params.bench.guidance_scale)
     sample_seconds = time.perf_counter() - start
     real = torch.stack([torch.from_numpy(f.image) for f in faces])
     held = torch.stack([torch.from_numpy(f.image) for f in held_faces]) if held_faces else real[:0]
@@ -176,7 +177,8 @@ def run_pretrain(params: Params, out_dir: str | Path) -> dict:
     train_faces, held_faces = split_faces(faces, r.holdout, r.seed)
     mkey, dkey = model_key(params, data_digest), detector_key(params, data_digest)
     metrics_path = out / "metrics.json"
-    eval_key = _digest({"model": mkey, "detector": dkey, "eval_samples": r.eval_samples})
+    eval_key = _digest({"model": mkey, "detector": dkey, "eval_samples": r.eval_samples,
+                        "sampler": [params.bench.num_steps, params.bench.guidance_scale]})
     model_current = _current(out / MODEL_DIR, MODEL_KEY, mkey) and (out / MODEL_DIR / "model_index.json").is_file()
     detector_current = _current(out / DETECTOR_DIR, DETECTOR_KEY, dkey)
     try:
@@ -193,6 +195,7 @@ def run_pretrain(params: Params, out_dir: str | Path) -> dict:
     with tracked(params.tracking, "pretrain", params=tracking_params) as tracker:
         metrics: dict = {"key": eval_key, "model_key": mkey, "detector_key": dkey,
                          "resolution": params.model.resolution, "artifact_kind": r.artifact.kind,
+                         "sample_steps": params.bench.num_steps, "sample_guidance": params.bench.guidance_scale,
                          "artifact_fraction": r.artifact.fraction}
         if model_current:
             log.info("pretrain: %s is current (key %s): reused", out / MODEL_DIR, mkey)
