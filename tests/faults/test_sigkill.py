@@ -1,5 +1,6 @@
 """SIGKILL in a stage, then a rerun: the outputs are those of an uninterrupted run (issue 15, item 8).
-Training's own kill-and-resume test is tests/test_distributed_resume.py; these cover invert, curate, precompute and bench.
+Training's own kill-and-resume test is tests/test_distributed_resume.py; these cover invert, curate, precompute, bench
+and pretrain.
 A killed stage leaves its output lock behind: the rerun takes it over (portraitgen/locking.py)."""
 from __future__ import annotations
 
@@ -166,3 +167,64 @@ def test_precompute_killed_then_rerun_matches_an_uninterrupted_run(tmp_path):
                                   pd.read_parquet(tmp_path / "ref" / "exemplar_rewards.parquet"))
     got, ref = (load_file(str(o / "prompt_embeddings.safetensors")) for o in (out, tmp_path / "ref"))
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def _tree(folder: Path) -> dict[str, object]:
+    """A folder's files: bytes, or for JSON files their content without timings (``*seconds`` keys)."""
+    import json
+
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if not k.endswith("seconds")}
+        return v
+
+    return {str(p.relative_to(folder)): strip(json.loads(p.read_text())) if p.suffix == ".json" else p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("phase", ["training", "detector"])
+def test_pretrain_killed_then_rerun_matches_an_uninterrupted_run(tmp_path, phase):
+    """Killed while the transformer trains (nothing saved yet) or after the model is saved, while the
+    artifact detector trains: the rerun builds what is missing (and reuses the finished model) and ends
+    with the uninterrupted run's model, detector and figures; no half folder is ever left in place."""
+    import json
+
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "model": {"family": "sd3", "path": "builtin:tiny", "resolution": 16}, "tracking": {"enabled": False},
+        "pretrain": {"steps": 200 if phase == "training" else 20, "batch_size": 8, "num_layers": 1, "width": 32,
+                     "eval_samples": 4, "detector": {"steps": 1500 if phase == "detector" else 10}},
+        "bench": {"num_steps": 4}}))
+    _run(_cli("pretrain", "--params", params, "--out", tmp_path / "ref"))
+    out = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    cmd = _cli("pretrain", "--params", params, "--out", out)
+    if phase == "training":  # once the loop has logged its 50th step of 200
+        with open(log, "w") as err:
+            proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+            deadline = time.time() + 300
+            while "pretrain step 50/200" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            killed = proc.poll() is None
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+    else:
+        killed = _kill_when(cmd, lambda: (out / "model" / "model_index.json").is_file())
+    assert killed, "pretrain finished before it could be killed"
+    assert not (out / "metrics.json").exists() and not (out / "artifact_detector").exists()
+    model_before = _tree(out / "model") if (out / "model").exists() else {}
+    assert (phase == "detector") == bool(model_before)  # killed in training: no model folder at all
+    _run(_cli("pretrain", "--params", params, "--out", out))
+    ref = tmp_path / "ref"
+    assert _tree(out / "model") == _tree(ref / "model")
+    if model_before:
+        assert (out / "model" / "model_index.json").stat().st_mtime_ns <= (out / "metrics.json").stat().st_mtime_ns
+        assert _tree(out / "model") == model_before  # reused, not retrained
+    assert _tree(out / "artifact_detector") == _tree(ref / "artifact_detector")
+    got, want = (json.loads((o / "metrics.json").read_text()) for o in (out, ref))
+    volatile = {"train_seconds", "sample_seconds", "detector_train_seconds", "model_reused"}
+    assert {k: v for k, v in got.items() if k not in volatile} == {k: v for k, v in want.items() if k not in volatile}
+    assert got["model_reused"] is bool(model_before)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary sibling left behind
