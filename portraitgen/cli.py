@@ -222,13 +222,13 @@ def cmd_kept_outputs(args: argparse.Namespace) -> int:
         print(f"kept {len(kept.kept)} output(s) in {state}" + (f" ({len(kept.copied)} copied: no hard links)"
                                                                  if kept.copied else ""))
     elif args.action == "restore":
-        restored = kept_outputs.restore(state)
+        restored = kept_outputs.restore(args.outputs or None, state)
         for out in restored:
             print(f"restored {out} (the last good output, with its provenance)")
         if not restored:
             print(f"nothing to restore from {state}")
     elif args.action == "drop":
-        kept_outputs.drop(state)
+        kept_outputs.drop(args.outputs or None, state)
     else:
         for out in kept_outputs.listed(state):
             print(out)
@@ -444,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     ko.add_argument("action", choices=["list", "save", "restore", "drop"],
                     help="list the kept outputs; save OUTPUTS; restore the missing ones (the Snakefile's "
                          "onerror does it; by hand after a killed snakemake); drop those that exist again")
-    ko.add_argument("outputs", nargs="*", help="save: the outputs to keep (paths as Snakemake declares them)")
+    ko.add_argument("outputs", nargs="*", help="the outputs (paths as Snakemake declares them) to save, or to "
+                                               "restore/drop (default: every kept one)")
     ko.add_argument("--state", default=".snakemake/kept-outputs",
                     help="where kept copies live (default: .snakemake/kept-outputs)")
     ko.set_defaults(func=cmd_kept_outputs)

@@ -17,12 +17,18 @@ Why hard links are safe: Snakemake unlinks an output before its job writes it, a
 through :mod:`portraitgen.io` (a temporary sibling renamed over the destination), so a new output is
 always a new file and never writes through a link into the kept copy.
 
+Each invocation restores and drops only its own outputs (the ones it passes), under an ``flock`` on the
+index, so two Snakemake runs at once in one folder (named runs, ``--config run=NAME``: disjoint outputs)
+never restore or drop each other's copies.
+
 An output whose kept copy is older than a run that was killed without hooks (``kill -9`` of Snakemake)
 stays kept until a run succeeds: ``save`` replaces the copy of an output that exists, and leaves the copy
 of one that is missing.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -30,6 +36,7 @@ import shutil
 from base64 import urlsafe_b64encode
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .io import atomic_write_text
 
@@ -85,6 +92,22 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+@contextlib.contextmanager
+def _locked(state: Path) -> Iterator[None]:
+    """Hold the index's lock: the read-modify-write of index.json by concurrent Snakemake runs."""
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write_index(state: Path, index: dict[str, dict]) -> None:
+    atomic_write_text(state / INDEX, json.dumps(index, indent=1, sort_keys=True) + "\n")
+
+
 def _load_index(state: Path) -> dict[str, dict]:
     try:
         return json.loads((state / INDEX).read_text())
@@ -100,62 +123,73 @@ def listed(state: Path = STATE) -> list[str]:
     return sorted(_load_index(state))
 
 
+def _exists(path: str | Path) -> bool:
+    return Path(path).exists() or Path(path).is_symlink()
+
+
 def save(outputs: list[str], state: Path = STATE, metadata: Path = METADATA) -> Kept:
     """Keep every existing output in ``outputs`` (relative paths, as Snakemake declares them)."""
-    index = _load_index(state)
     result = Kept([], [])
-    for out in dict.fromkeys(outputs):
-        src = Path(out)
-        if not (src.exists() or src.is_symlink()):
-            continue  # missing now: an older kept copy (if any) stays until a run succeeds
-        dst = state / "files" / out
-        _remove(dst)
-        if not _link_tree(src, dst):
-            result.copied.append(out)
-        record = record_path(metadata, out)
-        kept_record = state / "records" / f"{out}.json"
-        _remove(kept_record)
-        if record.is_file():
-            kept_record.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(record, kept_record)  # a copy: Snakemake rewrites records in place
-        index[out] = {"record": record.is_file()}
-        result.kept.append(out)
-    if result.kept:
-        atomic_write_text(state / INDEX, json.dumps(index, indent=1, sort_keys=True) + "\n")
+    with _locked(state):
+        index = _load_index(state)
+        for out in dict.fromkeys(outputs):
+            if not _exists(out):
+                continue  # missing now: an older kept copy (if any) stays until a run succeeds
+            dst = state / "files" / out
+            _remove(dst)
+            if not _link_tree(Path(out), dst):
+                result.copied.append(out)
+            record = record_path(metadata, out)
+            kept_record = state / "records" / f"{out}.json"
+            _remove(kept_record)
+            if record.is_file():
+                kept_record.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(record, kept_record)  # a copy: Snakemake rewrites records in place
+            index[out] = {"record": record.is_file()}
+            result.kept.append(out)
+        if result.kept:
+            _write_index(state, index)
     return result
 
 
-def restore(state: Path = STATE, metadata: Path = METADATA) -> list[str]:
-    """Put back every kept output that is missing, with its provenance record; returns them."""
-    index = _load_index(state)
+def restore(outputs: list[str] | None = None, state: Path = STATE, metadata: Path = METADATA) -> list[str]:
+    """Put back every kept output (of ``outputs``; None: all) that is missing, with its provenance
+    record; returns them."""
     restored = []
-    for out, entry in sorted(index.items()):
-        dst, kept = Path(out), state / "files" / out
-        if dst.exists() or dst.is_symlink() or not (kept.exists() or kept.is_symlink()):
-            continue  # rebuilt by a job that succeeded, or nothing to put back
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(kept, dst)
-        if entry.get("record"):
-            record = record_path(metadata, out)
-            record.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(state / "records" / f"{out}.json", record)
-        del index[out]
-        restored.append(out)
-    if restored:
-        atomic_write_text(state / INDEX, json.dumps(index, indent=1, sort_keys=True) + "\n")
+    with _locked(state):
+        index = _load_index(state)
+        mine = index if outputs is None else {o: index[o] for o in outputs if o in index}
+        for out, entry in sorted(mine.items()):
+            kept = state / "files" / out
+            if _exists(out) or not _exists(kept):
+                continue  # rebuilt by a job that succeeded, or nothing to put back
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(kept, out)
+            if entry.get("record"):
+                record = record_path(metadata, out)
+                record.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(state / "records" / f"{out}.json", record)
+            del index[out]
+            restored.append(out)
+        if restored:
+            _write_index(state, index)
     return restored
 
 
-def drop(state: Path = STATE) -> None:
-    """Forget the kept copies of outputs that exist (the run succeeded: each was rebuilt or current);
-    the copy of an output still missing (its job was not part of this run) stays."""
-    index = _load_index(state)
-    for out in [o for o in index if Path(o).exists() or Path(o).is_symlink()]:
-        _remove(state / "files" / out)
-        _remove(state / "records" / f"{out}.json")
-        del index[out]
-    if not index:
-        if state.exists():
-            shutil.rmtree(state)
-    else:
-        atomic_write_text(state / INDEX, json.dumps(index, indent=1, sort_keys=True) + "\n")
+def drop(outputs: list[str] | None = None, state: Path = STATE) -> None:
+    """Forget the kept copies of the outputs (of ``outputs``; None: all) that exist: the run succeeded,
+    each was rebuilt or current. The copy of an output still missing (its job was not part of this run)
+    stays."""
+    if not state.exists():
+        return
+    with _locked(state):
+        index = _load_index(state)
+        for out in [o for o in (index if outputs is None else outputs) if o in index and _exists(o)]:
+            _remove(state / "files" / out)
+            _remove(state / "records" / f"{out}.json")
+            del index[out]
+        if index:
+            _write_index(state, index)
+        else:  # nothing kept: only the lock file stays (another run may be waiting on it)
+            for path in ("files", "records", INDEX):
+                _remove(state / path)

@@ -92,7 +92,24 @@ def test_drop_forgets_outputs_that_exist_and_keeps_the_missing(workdir):
     assert (kept_outputs.STATE / "files" / "b.json").read_text() == "b.json"
     assert kept_outputs.restore() == ["b.json"] and Path("b.json").read_text() == "b.json"
     kept_outputs.drop()
-    assert not kept_outputs.STATE.exists()
+    assert kept_outputs.listed() == [] and [p.name for p in kept_outputs.STATE.iterdir()] == [".lock"]
+
+
+def test_two_runs_restore_and_drop_only_their_own_outputs(workdir):
+    """Named runs (`--config run=a`, `run=b`) may run at once in one folder: disjoint outputs, one index."""
+    a, b = Path("results/runs/a/train.json"), Path("results/runs/b/train.json")
+    for out in (a, b):
+        out.parent.mkdir(parents=True)
+        out.write_text(out.parent.name)
+    kept_outputs.save([str(a)])
+    kept_outputs.save([str(b)])
+    assert kept_outputs.listed() == [str(a), str(b)]
+    a.unlink()  # run a's job fails...
+    b.unlink()  # ...while run b's job is still running (its output deleted by Snakemake)
+    assert kept_outputs.restore([str(a)]) == [str(a)] and not b.exists()
+    kept_outputs.drop([str(a)])  # run a succeeds next: b's copy stays, its job is still running
+    assert kept_outputs.listed() == [str(b)]
+    assert kept_outputs.restore([str(b)]) == [str(b)] and b.read_text() == "b"
 
 
 def test_links_that_fail_fall_back_to_copies(workdir, monkeypatch):

@@ -102,7 +102,7 @@ def restore_outputs():
 
     if not _file_persistence():
         return
-    for out in kept_outputs.restore():
+    for out in kept_outputs.restore(WF.declared_outputs()):
         print(f"kept-outputs: restored {out}: the last good output, until a run replaces it")
 
 
@@ -110,7 +110,7 @@ def drop_kept_outputs():
     from portraitgen import kept_outputs
 
     if _file_persistence():
-        kept_outputs.drop()
+        kept_outputs.drop(WF.declared_outputs())
 
 
 # --- The stage table (portraitgen/stages.py) ------------------------------------------------------
