@@ -193,11 +193,9 @@ STAGES: tuple[Stage, ...] = (
             Output("summary.json", "summary", kind="metric", cache=False,
                    note="its headline numbers, tracked by git: the DVC metrics (portraitgen/summary.py)"),
         ),
-        params=("pretrain", "model.family", "model.resolution", "bench.num_steps", "bench.guidance_scale"),
-        loads_model=False,
+        params=("pretrain", "model.family", "model.resolution"), loads_model=False,
         threads=1, resources={"mem_mb": 4000, "runtime": 60, "gpu": 0},
-        dvc_notes={"model.resolution": "the image size it is pretrained at",
-                   "bench.num_steps": "its samples' figures are taken as PortraitBench samples"},
+        dvc_notes={"model.resolution": "the image size it is pretrained at"},
     ),
     Stage(
         name="curate", command="curate", folder="curate",

@@ -40,6 +40,7 @@ from ..stage import tracked
 from .artifact_detector import DetectorSettings, train_detector
 from .artifact_detector import load as load_detector
 from .captions import face_captions
+from .evaluate import SAMPLE_GUIDANCE, SAMPLE_STEPS
 from .faces import load_faces, source_digest, split_faces
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,7 @@ def _evaluate(params: Params, out: Path, faces, held_faces, seed: int) -> dict:
     r = params.pretrain
     det = load_detector(out / DETECTOR_DIR)
     start = time.perf_counter()
-    samples = sample_images(out / MODEL_DIR, sample_prompts(r.eval_samples), params.model.resolution, seed,
-                            num_steps=params.bench.num_steps, guidance_scale=params.bench.guidance_scale)
+    samples = sample_images(out / MODEL_DIR, sample_prompts(r.eval_samples), params.model.resolution, seed)
     sample_seconds = time.perf_counter() - start
     real = torch.stack([torch.from_numpy(f.image) for f in faces])
     held = torch.stack([torch.from_numpy(f.image) for f in held_faces]) if held_faces else real[:0]
@@ -178,7 +178,7 @@ def run_pretrain(params: Params, out_dir: str | Path) -> dict:
     mkey, dkey = model_key(params, data_digest), detector_key(params, data_digest)
     metrics_path = out / "metrics.json"
     eval_key = _digest({"model": mkey, "detector": dkey, "eval_samples": r.eval_samples,
-                        "sampler": [params.bench.num_steps, params.bench.guidance_scale]})
+                        "sampler": [SAMPLE_STEPS, SAMPLE_GUIDANCE]})
     model_current = _current(out / MODEL_DIR, MODEL_KEY, mkey) and (out / MODEL_DIR / "model_index.json").is_file()
     detector_current = _current(out / DETECTOR_DIR, DETECTOR_KEY, dkey)
     try:
@@ -195,7 +195,7 @@ def run_pretrain(params: Params, out_dir: str | Path) -> dict:
     with tracked(params.tracking, "pretrain", params=tracking_params) as tracker:
         metrics: dict = {"key": eval_key, "model_key": mkey, "detector_key": dkey,
                          "resolution": params.model.resolution, "artifact_kind": r.artifact.kind,
-                         "sample_steps": params.bench.num_steps, "sample_guidance": params.bench.guidance_scale,
+                         "sample_steps": SAMPLE_STEPS, "sample_guidance": SAMPLE_GUIDANCE,
                          "artifact_fraction": r.artifact.fraction}
         if model_current:
             log.info("pretrain: %s is current (key %s): reused", out / MODEL_DIR, mkey)
