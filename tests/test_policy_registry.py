@@ -38,3 +38,27 @@ def test_reading_the_registry_imports_no_model_code():
             "print(sorted(m for m in ('torch', 'diffusers', 'portraitgen.policies.sd3') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_model_fingerprint_counts_what_diffusers_loads_not_notes_beside_it(tmp_path):
+    """Two folders of the same weights (e.g. two pretraining runs whose training records differ in their
+    timings) fingerprint alike, so inversion seeds the same noise; a changed component config does not."""
+    import json
+    import shutil
+
+    from portraitgen.policies import model_fingerprint
+    from portraitgen.policies.loading import tiny_model_path
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_model_path("sd3"), a)
+    shutil.copytree(tiny_model_path("sd3"), b)
+    (a / "pretrain_key.json").write_text(json.dumps({"training": {"train_seconds": 291.4}}))
+    (b / "pretrain_key.json").write_text(json.dumps({"training": {"train_seconds": 305.3}}))
+    (b / "README.md").write_text("notes")
+    assert model_fingerprint("sd3", str(a)) == model_fingerprint("sd3", str(b))
+    config = b / "transformer" / "config.json"
+    config.write_text(config.read_text().replace('"num_layers"', '"num_layers" ', 1))
+    assert model_fingerprint("sd3", str(a)) != model_fingerprint("sd3", str(b))
+    index = json.loads((b / "model_index.json").read_text())
+    (b / "model_index.json").write_text(json.dumps({**index, "_note": "x"}))
+    assert model_fingerprint("sd3", str(a)) != model_fingerprint("sd3", str(b))

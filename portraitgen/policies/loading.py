@@ -76,12 +76,16 @@ def model_fingerprint(family: str, path: str) -> str:
     """Hash of a model's configs and weight-file names and sizes (cheap: weights are not read).
 
     Caches made with a model (inverted trajectories, prompt embeddings) record it and are refused by
-    another model.
+    another model; inversion also seeds its noise with it. Only what diffusers loads counts:
+    ``model_index.json`` and the component folders. Other top-level files are notes about the model
+    (``portraitgen pretrain``'s training record, with its timings; a README), and must not make two
+    folders of the same weights invert differently.
     """
     root = resolve_model_path(family, path)
     h = hashlib.sha256(family.encode())
     for f in sorted(root.rglob("*")):
-        if f.is_file():
+        top_level_note = f.parent == root and f.name != "model_index.json"
+        if f.is_file() and not top_level_note:
             h.update(f.relative_to(root).as_posix().encode())
             h.update(f.read_bytes() if f.suffix in (".json", ".txt") else str(f.stat().st_size).encode())
     return h.hexdigest()[:16]
