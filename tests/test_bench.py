@@ -461,7 +461,7 @@ def test_prompt_embeddings_must_match_the_base_and_the_suite(tmp_path, capsys, c
 
     other = tmp_path / "other-base"  # the tiny model's weights, but another model folder (another fingerprint)
     shutil.copytree(tiny_model_path("sd3"), other)
-    (other / "NOTES.txt").write_text("a copy")
+    (other / "transformer" / "NOTES.txt").write_text("a copy")  # inside a component: counted (top-level notes are not)
     one = {"bench.suite": str(_suite_file(tmp_path / "one.jsonl", 1)), "bench.subset": "full", "bench.seeds": [0],
            "bench.num_steps": 2, "bench.bootstrap": 100, "bench.reference": "builtin:portraits"}
     cache = _bench_prompt_embeddings(fast_params(**one), tmp_path / "precompute")
