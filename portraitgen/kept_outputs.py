@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import os
 import shutil
 from base64 import urlsafe_b64encode
@@ -39,8 +38,6 @@ from pathlib import Path
 from typing import Iterator
 
 from .io import atomic_write_text
-
-log = logging.getLogger(__name__)
 
 STATE = Path(".snakemake/kept-outputs")
 METADATA = Path(".snakemake/metadata")
