@@ -13,7 +13,8 @@ Training reads the sections in ``TRAINING_SECTIONS`` of params.yaml, except the 
   not of the fingerprint.
 
 The fingerprint also holds the content hash of the files training reads whose content is not fixed by
-these params: the exemplar index (made by curate and invert from their own params and the real
+these params: the model folder (its weights: ``portraitgen pretrain`` rewrites the same path when its
+settings change), the exemplar index (made by curate and invert from their own params and the real
 photos) and a prompt file. Re-curating or re-inverting therefore starts a fresh checkpoint folder,
 while editing e.g. ``bench.subset`` or ``curate.report`` settings that leave the index as it is keeps
 the run where it was. (The prompt-embedding cache and the exemplar rewards are fixed by ``prompts``,
@@ -82,6 +83,17 @@ def _input_files(flat: dict[str, Any]) -> dict[str, str]:
     return files
 
 
+def _model_weights(flat: dict[str, Any]) -> str | None:
+    """The fingerprint of the model folder ``model.path`` names (None for builtin models or a path that is
+    not a folder yet): a pretraining rerun rewrites the same path with other weights."""
+    path = str(flat.get("model.path") or "")
+    if not path or path.startswith("builtin:") or not Path(path).is_dir():
+        return None
+    from .policies.loading import model_fingerprint
+
+    return model_fingerprint(str(flat.get("model.family")), path)
+
+
 def _is_reward_server_key(key: str) -> bool:
     """``reward.options.<name>.server[.*]``: where a reward is scored, not what it computes (a run resumes
     after its reward server moved to another host; docs/reward-server.md)."""
@@ -95,6 +107,9 @@ def fingerprint_of(data: dict[str, Any]) -> dict[str, Any]:
     kept = {k: v for k, v in flat.items() if is_training_key(k) and not _matches(k, RESUMABLE_KEYS)
             and not _is_reward_server_key(k)}
     inputs = {key: _file_hash(path) for key, path in _input_files(flat).items()}
+    weights = _model_weights(flat)
+    if weights is not None:
+        inputs["model.path"] = weights
     return json.loads(json.dumps({"params": kept, "inputs": inputs}, sort_keys=True))
 
 

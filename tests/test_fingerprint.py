@@ -80,3 +80,28 @@ def test_the_exemplar_index_content_is_part_of_the_fingerprint(tmp_path):
     # Without exemplars (plain GRPO on a prompt list) the index is not read, so it is not hashed.
     plain = params_from_dict({"prompts": {"source": "builtin:demo"}, "train": {"exemplars": {"index": str(index)}}})
     assert semantic_fingerprint(plain)["inputs"] == {}
+
+
+def test_the_model_weights_are_part_of_the_fingerprint(tmp_path):
+    """A pretraining rerun rewrites model.path with other weights (same configs and sizes): training must
+    start a fresh checkpoint folder, not resume the old model's."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from portraitgen.policies.loading import tiny_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path("sd3"), model)
+    params = params_from_dict({"model": {"family": "sd3", "path": str(model)}, "prompts": {"source": "builtin:demo"}})
+    first = fingerprint_hash(params)
+    assert semantic_fingerprint(params)["inputs"].keys() == {"model.path"}
+    weights = next((model / "transformer").glob("*.safetensors"))
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    save_file({n: t * 1.01 for n, t in load_file(weights).items()}, weights, metadata=metadata)
+    assert fingerprint_hash(params) != first
+    # A builtin model, or a folder not made yet, adds nothing.
+    tiny = params_from_dict({"model": {"family": "sd3", "path": "builtin:tiny"}})
+    assert "model.path" not in semantic_fingerprint(tiny)["inputs"]

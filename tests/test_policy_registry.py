@@ -62,3 +62,38 @@ def test_model_fingerprint_counts_what_diffusers_loads_not_notes_beside_it(tmp_p
     index = json.loads((b / "model_index.json").read_text())
     (b / "model_index.json").write_text(json.dumps({**index, "_note": "x"}))
     assert model_fingerprint("sd3", str(a)) != model_fingerprint("sd3", str(b))
+
+
+def test_model_fingerprint_tells_retrained_weights_apart(tmp_path, monkeypatch):
+    """A retrained model has the same configs, file names and sizes as the old one: only its weights
+    differ, and its caches (trajectories, checkpoints) must not be taken for the old model's."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from portraitgen.policies import loading, model_fingerprint
+    from portraitgen.policies.loading import tiny_model_path
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_model_path("sd3"), a)
+    shutil.copytree(tiny_model_path("sd3"), b)
+    weights = next((b / "transformer").glob("*.safetensors"))
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    original = load_file(weights)
+    size = weights.stat().st_size
+
+    def retrain(names):  # same shapes, same file size, other values
+        save_file({n: t + 1e-3 if n in names else t for n, t in original.items()}, weights, metadata=metadata)
+        assert weights.stat().st_size == size
+
+    retrain({sorted(original)[len(original) // 2]})  # one tensor: a whole-file hash sees it
+    assert model_fingerprint("sd3", str(a)) != model_fingerprint("sd3", str(b))
+    # Files over FULL_HASH_LIMIT are hashed by windows, which see a retraining (every tensor changes).
+    monkeypatch.setattr(loading, "FULL_HASH_LIMIT", 1024)
+    monkeypatch.setattr(loading, "WINDOW_BYTES", 64)
+    retrain(set(original))
+    assert model_fingerprint("sd3", str(a)) != model_fingerprint("sd3", str(b))
+    shutil.copy2(next((a / "transformer").glob("*.safetensors")), weights)
+    assert model_fingerprint("sd3", str(a)) == model_fingerprint("sd3", str(b))
