@@ -4,7 +4,7 @@
     python benchmarks/pretrain.py --samples 128 --out /tmp/bench-pretrain
     python benchmarks/pretrain.py --quick                # CI smoke run (tiny settings; figures mean nothing)
 
-Runs the stage (``run_pretrain``, one torch thread, tracking off) twice in ``--out``:
+Runs the stage (``run_pretrain``, the rule's torch threads, tracking off) twice in ``--out``:
 
 1. ``planted/``: the settings of ``--params`` (default: the artifact on 70 % of the training views);
 2. ``clean/``: the same with ``pretrain.artifact.fraction: 0``, the clean control. It reuses the
@@ -38,14 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=64, help="base samples scored per model (>= 64 for the target)")
     ap.add_argument("--no-control", action="store_true", help="skip the clean control (no floor, no rate above it)")
     ap.add_argument("--quick", action="store_true", help="tiny settings in a temporary folder (CI)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: the pretrain rule's, as Snakemake runs it on an idle machine)")
     args = ap.parse_args(argv)
 
     import torch
 
     from portraitgen.config import load_params, params_from_dict
     from portraitgen.pretrain.stage import DETECTOR_DIR, run_pretrain
+    from portraitgen.stages import stage
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads or stage("pretrain").threads)
     if args.quick:
         import tempfile
 

@@ -194,7 +194,9 @@ STAGES: tuple[Stage, ...] = (
                    note="its headline numbers, tracked by git: the DVC metrics (portraitgen/summary.py)"),
         ),
         params=("pretrain", "model.family", "model.resolution"), loads_model=False,
-        threads=1, resources={"mem_mb": 4000, "runtime": 60, "gpu": 0},
+        # Two threads: Snakemake then runs it alone on a 2-core machine, where its loop is 1.7x faster
+        # than on one (0.14 vs 0.25 s per step of 16 views); beside another job two threads would contend.
+        threads=2, resources={"mem_mb": 4000, "runtime": 60, "gpu": 0},
         dvc_notes={"model.resolution": "the image size it is pretrained at"},
     ),
     Stage(
