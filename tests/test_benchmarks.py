@@ -19,6 +19,7 @@ SCRIPTS = {
     "reward_server.py": ("reward_server", {f"{k}/{r}" for k in ("inproc", "server", "added_ms", "overhead_ms",
                                                                  "clients2", "mean_batch")
                                            for r in ("omni_vlm", "ai_portrait_classic")}),
+    "pretrain_sweep.py": ("pretrain_sweep", {f"lr=0.002/step={s}/face_rate" for s in (1, 2, 4)}),
     "pretrain.py": ("pretrain", {"planted/train_seconds", "planted/face_rate_samples", "clean/artifact_rate_samples",
                                  "real/face_rate", "planted/artifact_rate_above_clean_control"}),
 }

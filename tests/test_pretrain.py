@@ -271,3 +271,25 @@ def test_a_pretrain_param_reruns_pretrain_and_every_stage_that_loads_the_model(t
     jobs = _jobs(smk("-n"))
     assert "curate" in jobs and "pretrain" not in jobs, jobs
 
+
+
+def test_captions_speak_the_bench_vocabulary_without_its_prompts(faces16):
+    """Each face gets its curate caption, free phrases and PortraitBench-style phrases built from the suite's
+    own tables (one person each, parts drawn at random): the bench's prompts are then in-distribution text."""
+    from portraitgen.bench import suite
+    from portraitgen.pretrain.captions import BENCH_PHRASES, CAPTIONS_PER_FACE, bench_phrase, face_captions
+
+    rng = np.random.default_rng(0)
+    captions = [face_captions(f, rng) for f in faces16[:10]]
+    assert all(len(cs) == len(set(cs)) == CAPTIONS_PER_FACE for cs in captions)
+    shots = tuple(suite.SHOTS.values())
+    bench_style = [c for cs in captions for c in cs if c.startswith(shots)]
+    assert len(bench_style) == 10 * BENCH_PHRASES
+    phrases = [bench_phrase(np.random.default_rng(s)) for s in range(200)]
+    for text in phrases:
+        assert " people:" not in text and any(f" {g} with " in text for g in suite.GENDERS.values())
+        assert text.endswith(tuple(suite.LIGHTS.values()))
+        assert any(f", {s}, " in text for s in suite.SETTINGS.values())
+    # Every level of every axis is drawn.
+    for table in (suite.SHOTS, suite.AGES, suite.SKINS, suite.LIGHTS, suite.SETTINGS):
+        assert all(any(v in t for t in phrases) for v in table.values())

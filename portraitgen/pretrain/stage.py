@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 # Bump when what the stage makes from the same inputs changes: existing outputs are rebuilt.
 # 2: prompt embeddings computed without T5 dropout (model.build_pipeline).
-FORMAT = 2
+# 3: captions in PortraitBench's vocabulary too (captions.bench_phrase).
+FORMAT = 3
 MODEL_DIR = "model"
 DETECTOR_DIR = "artifact_detector"
 MODEL_KEY = "pretrain_key.json"
@@ -89,9 +90,11 @@ def _current(folder: Path, key_file: str, key: str) -> bool:
         return False
 
 
-def _train_model(params: Params, train_faces, dest: Path, key: str, tracker) -> dict:
+def build_training(params: Params, train_faces):
+    """The freshly initialised pipeline, its caption table, the training data and the loop's settings
+    (``pretrain`` section): everything :func:`.train.train` needs (also used by benchmarks/pretrain_sweep.py)."""
     from .model import build_pipeline, encode_prompts
-    from .train import TrainSettings, TrainingData, train
+    from .train import TrainSettings, TrainingData
 
     r = params.pretrain
     pipe = build_pipeline(params.model.resolution, r.num_layers, r.width, r.scheduler_shift, r.seed)
@@ -105,6 +108,14 @@ def _train_model(params: Params, train_faces, dest: Path, key: str, tracker) -> 
     settings = TrainSettings(steps=r.steps, batch_size=r.batch_size, lr=r.lr, warmup_steps=r.warmup_steps,
                              ema_decay=r.ema_decay, caption_dropout=r.caption_dropout,
                              artifact_kind=r.artifact.kind, artifact_fraction=r.artifact.fraction, seed=r.seed)
+    return pipe, table, data, settings
+
+
+def _train_model(params: Params, train_faces, dest: Path, key: str, tracker) -> dict:
+    from .train import train
+
+    r = params.pretrain
+    pipe, table, data, settings = build_training(params, train_faces)
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     log.info("pretraining a %.2f M-parameter SD3 transformer (%d layers x %d) on %d faces at %d px, %d steps of %d "
              "views, artifact %r on %.0f %% of them", n_params / 1e6, r.num_layers, r.width, len(train_faces),

@@ -90,8 +90,10 @@ def rectified_flow_loss(transformer: torch.nn.Module, x0: torch.Tensor, embeds: 
 
 
 def train(transformer: torch.nn.Module, data: TrainingData, s: TrainSettings,
-          on_log: Callable[[int, dict], None] | None = None) -> tuple[TrainResult, EMA]:
-    """Train ``transformer`` in place; returns the per-step losses and the EMA (exported by the caller)."""
+          on_log: Callable[[int, dict], None] | None = None,
+          on_step: Callable[[int, EMA], None] | None = None) -> tuple[TrainResult, EMA]:
+    """Train ``transformer`` in place; returns the per-step losses and the EMA (exported by the caller).
+    ``on_step(step, ema)`` after every step (a sweep scores the EMA at checkpoints; its time is counted)."""
     rng = np.random.default_rng(s.seed)
     gen = torch.Generator().manual_seed(s.seed)
     params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
@@ -116,6 +118,8 @@ def train(transformer: torch.nn.Module, data: TrainingData, s: TrainSettings,
         sched.step()
         ema.update(params)
         result.losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, ema)
         if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
             recent = float(np.mean(result.losses[-s.log_every:]))
             bar.set_postfix(loss=f"{recent:.4f}")
