@@ -118,6 +118,11 @@ def semantic_fingerprint(params: Params) -> dict[str, Any]:
     return fingerprint_of(params_to_dict(params))
 
 
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """The checkpoint folder's name for a fingerprint of :func:`semantic_fingerprint`."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def fingerprint_hash(params: Params) -> str:
-    return hashlib.sha256(json.dumps(semantic_fingerprint(params), sort_keys=True).encode()).hexdigest()[:12]
+    return fingerprint_digest(semantic_fingerprint(params))
 

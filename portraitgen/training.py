@@ -58,7 +58,7 @@ from .ema import EMA
 from .embeddings import EmbeddingCache
 from .exemplar_mixing import ExemplarMixer, exemplars_per_group, precomputed_rewards, transition_log_probs
 from .exemplars import ExemplarBank
-from .fingerprint import fingerprint_hash, semantic_fingerprint
+from .fingerprint import fingerprint_digest, semantic_fingerprint
 from .grpo_loss import approx_kl, clipped, gaussian_kl, transition_loss
 from .hardware import Hardware
 from .io import atomic_write_text
@@ -128,7 +128,9 @@ class GRPOTrainer:
         self.out_dir = Path(out_dir)
         # Checkpoints live in a folder per params fingerprint: a run resumes only from checkpoints made
         # with the same training params, and changing them starts afresh without deleting anything.
-        self.ckpt_dir = self.out_dir / "checkpoints" / fingerprint_hash(params)
+        # Computed once: it hashes the model's weights and the exemplar index, which a run does not change.
+        self.fingerprint = semantic_fingerprint(params)
+        self.ckpt_dir = self.out_dir / "checkpoints" / fingerprint_digest(self.fingerprint)
         self.hardware = hardware
         # Without CUDA, ask Accelerate for its CPU backend explicitly: several processes started by
         # `accelerate launch --multi_gpu` / torchrun then form a gloo group instead of N lone runs.
@@ -630,7 +632,7 @@ class GRPOTrainer:
                 self.ckpt_dir, iteration, trainable={n: p.detach().cpu() for n, p in self.named_trainable.items()},
                 optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                 ema=self.ema.state_dict() if self.ema else None, keep=self.params.train.keep_checkpoints,
-                state={"fingerprint": semantic_fingerprint(self.params), "history": self.history,
+                state={"fingerprint": self.fingerprint, "history": self.history,
                        "optimizer_steps": self.optimizer_steps,
                        "mlflow_run_id": self.tracker.run_id if self.tracker else None})
         self.accelerator.wait_for_everyone()
@@ -641,7 +643,7 @@ class GRPOTrainer:
         if not ckpts:
             return None
         ck = checkpointing.load_checkpoint(ckpts[-1])
-        if ck["state"]["fingerprint"] != semantic_fingerprint(self.params):  # a hash collision or a hand edit
+        if ck["state"]["fingerprint"] != self.fingerprint:  # a hash collision or a hand edit
             raise checkpointing.CheckpointError(f"{ckpts[-1]} was made with different params; move it away")
         missing = set(self.named_trainable) ^ set(ck["trainable"])
         if missing:

@@ -80,7 +80,7 @@ WEIGHT_WINDOWS = 16
 WINDOW_BYTES = 2**20
 
 
-def _weights_digest(path: Path) -> bytes:
+def _content_digest(path: Path) -> bytes:
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with path.open("rb") as fh:
@@ -110,7 +110,7 @@ def model_fingerprint(family: str, path: str) -> str:
         top_level_note = f.parent == root and f.name != "model_index.json"
         if f.is_file() and not top_level_note:
             h.update(f.relative_to(root).as_posix().encode())
-            h.update(_weights_digest(f))
+            h.update(_content_digest(f))
     return h.hexdigest()[:16]
 
 
